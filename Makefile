@@ -1,0 +1,43 @@
+# ebmad: `make demo` trains + evaluates on a synthetic category on CPU; `make test` runs the tests.
+# Both create ./.venv on first use. GPU users: see README (TORCH_VERSION / an existing CUDA torch).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-all lint format bench-bottle clean
+
+install: $(VENV)/.installed
+
+# torch is installed first, pinned: on this machine the pin resolves to a local CPU wheel; on a CUDA
+# machine `pip install torch==X` gets the CUDA build. The package itself only asks for torch>=2.1,
+# so an already installed torch is never replaced.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q -e ".[dev,sweep]"
+	touch $@
+
+demo: install
+	$(PY) -m ebmad.train experiment=quickstart
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-all: install
+	$(PY) -m pytest -m "" $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check ebmad tests experiments
+	$(VENV)/bin/ruff format --check ebmad tests experiments
+
+format: install
+	$(VENV)/bin/ruff format ebmad tests experiments
+	$(VENV)/bin/ruff check --fix ebmad tests experiments
+
+bench-bottle: install
+	$(PY) experiments/bench_bottle.py
+
+clean:
+	rm -rf $(VENV) logs .pytest_cache

@@ -1,0 +1,136 @@
+"""Callbacks: fit the gradient statistics after training, and log anomaly-map examples."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+
+from ebmad.module import EBMModule
+from ebmad.scoring import MomentAccumulator, energy_and_grad
+
+
+def fit_gradient_stats(
+    module: EBMModule,
+    batches: Iterable[dict[str, torch.Tensor]],
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> MomentAccumulator:
+    """Accumulate g(x) over ``batches`` in float64, reduce across ranks, store mean/std on ``module``."""
+    shape = tuple(module.grad_mean.shape)
+    acc = MomentAccumulator(shape, device=module.device)
+    was_training = module.training
+    module.eval()
+    for batch in batches:
+        _, g = energy_and_grad(module.net, batch["image"].to(module.device))
+        acc.update(g)
+    module.train(was_training)
+    if reduce_sum is not None:
+        acc.all_reduce(reduce_sum)
+    mean, std = acc.mean_std()
+    module.set_gradient_stats(mean, std, float(acc.count))
+    return acc
+
+
+class GradientStatsCallback(pl.Callback):
+    """After fit: per-pixel, per-channel mean/std of the training set's gradient maps.
+
+    Uses the datamodule's ``stats_dataloader`` (every training image once, no noise), sums the
+    moments across ranks and stores them as module buffers. It runs at the end of the final
+    training batch and writes ``last.ckpt`` right there, so the checkpoint written after fit carries
+    the statistics and still resumes exactly (Lightning's batch-end state). If training stops
+    otherwise (early stopping, ``max_time``) it runs at train end instead; never after a signal or
+    an exception, when training is unfinished.
+    """
+
+    def __init__(self) -> None:
+        self.fitted_at_step: int | None = None
+
+    @staticmethod
+    def _is_final_batch(trainer: pl.Trainer, batch_idx: int) -> bool:
+        if (
+            trainer.max_steps is not None
+            and trainer.max_steps >= 0
+            and trainer.global_step >= trainer.max_steps
+        ):
+            return True
+        max_epochs = trainer.max_epochs
+        last_batch = batch_idx + 1 >= trainer.num_training_batches
+        return bool(last_batch and max_epochs is not None and 0 <= max_epochs <= trainer.current_epoch + 1)
+
+    def _fit_and_save(self, trainer: pl.Trainer, pl_module: EBMModule) -> None:
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "stats_dataloader"):
+            raise RuntimeError("GradientStatsCallback needs a datamodule with a stats_dataloader()")
+
+        def reduce_sum(t: torch.Tensor) -> torch.Tensor:
+            return trainer.strategy.reduce(t, reduce_op="sum")
+
+        with torch.no_grad():
+            fit_gradient_stats(pl_module, dm.stats_dataloader(), reduce_sum)
+        self.fitted_at_step = trainer.global_step
+        for cb in trainer.checkpoint_callbacks:
+            if getattr(cb, "dirpath", None) and getattr(cb, "save_last", False):
+                path = Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
+                trainer.save_checkpoint(path)
+                cb.last_model_path = str(path)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._is_final_batch(trainer, batch_idx):
+            self._fit_and_save(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: EBMModule) -> None:
+        if self.fitted_at_step == trainer.global_step or trainer.interrupted or trainer.received_sigterm:
+            return
+        self._fit_and_save(trainer, pl_module)
+
+
+def _to_rgb(img: torch.Tensor) -> np.ndarray:
+    arr = ((img.float().clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+    arr = arr.transpose(1, 2, 0)
+    return np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr
+
+
+def _heat(m: torch.Tensor, lo: float, hi: float) -> np.ndarray:
+    t = ((m.float() - lo) / max(hi - lo, 1e-12)).clamp(0, 1).numpy()
+    rgb = np.stack([np.clip(1.5 - abs(4 * t - 3), 0, 1), np.clip(1.5 - abs(4 * t - 2), 0, 1),
+                    np.clip(1.5 - abs(4 * t - 1), 0, 1)], axis=2)  # fmt: skip
+    return (rgb * 255).round().astype(np.uint8)
+
+
+def example_panels(examples: dict[str, torch.Tensor]) -> list[np.ndarray]:
+    """One RGB strip per example: image | ground-truth mask | standardized L2 anomaly map."""
+    if not examples:
+        return []
+    maps = examples["map"]
+    lo, hi = float(maps.min()), float(torch.quantile(maps.flatten().float(), 0.999))
+    panels = []
+    for img, mask, m in zip(examples["image"], examples["mask"], maps, strict=True):
+        gt = np.repeat((mask.numpy()[..., None] * 255).astype(np.uint8), 3, axis=2)
+        panels.append(np.concatenate([_to_rgb(img), gt, _heat(m, lo, hi)], axis=1))
+    return panels
+
+
+class AnomalyMapLogger(pl.Callback):
+    """After test: writes example panels as PNG to ``<out>/maps`` and logs them to W&B if in use."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: EBMModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        panels = example_panels(pl_module.examples)
+        if not panels:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        names = []
+        for i, (p, idx) in enumerate(zip(panels, pl_module.examples["index"].tolist(), strict=True)):
+            Image.fromarray(p).save(self.out_dir / f"example_{i:02d}_test{idx:04d}.png")
+            names.append(f"test #{idx}")
+        for logger in trainer.loggers:
+            if isinstance(logger, pl.loggers.WandbLogger):
+                logger.log_image("test/anomaly_maps", images=list(panels), caption=names)

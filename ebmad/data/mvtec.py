@@ -1,0 +1,185 @@
+"""LightningDataModule for the MVTec AD folder layout.
+
+<root>/<category>/train/good/*.png
+<root>/<category>/test/<defect>/*.png          (defect "good" = defect free)
+<root>/<category>/ground_truth/<defect>/<stem>_mask.png
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from ebmad.data.io import DatasetError, image_channels, list_images, load_image, load_mask
+from ebmad.data.loader import DeviceBatchLoader
+
+MVTEC_CATEGORIES = (
+    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
+    "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
+)  # fmt: skip
+
+
+@dataclass
+class TestItem:
+    image: Path
+    mask: Path | None
+    defect: str
+
+    @property
+    def label(self) -> int:
+        return int(self.defect != "good")
+
+
+def category_dir(root: str | Path, category: str) -> Path:
+    """The category folder, or a :class:`DatasetError` naming what is missing."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"dataset root {root} (data.root) does not exist or is not a folder")
+    cdir = root / category
+    if not cdir.is_dir():
+        found = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise DatasetError(
+            f"category '{category}' (data.category) not found under {root}; folders there: {found or 'none'}"
+        )
+    return cdir
+
+
+def train_files(cdir: Path) -> list[Path]:
+    folder = cdir / "train" / "good"
+    if not folder.is_dir():
+        raise DatasetError(f"training folder {folder} does not exist")
+    files = list_images(folder)
+    if not files:
+        raise DatasetError(f"training folder {folder} contains no images")
+    return files
+
+
+def test_items(cdir: Path) -> list[TestItem]:
+    folder = cdir / "test"
+    if not folder.is_dir():
+        raise DatasetError(f"test folder {folder} does not exist")
+    items: list[TestItem] = []
+    for ddir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        for img in list_images(ddir):
+            mask = None
+            if ddir.name != "good":
+                mask = cdir / "ground_truth" / ddir.name / f"{img.stem}_mask.png"
+                if not mask.is_file():
+                    raise DatasetError(f"defective test image {img} has no mask; expected {mask}")
+            items.append(TestItem(img, mask, ddir.name))
+    if not items:
+        raise DatasetError(f"test folder {folder} contains no images")
+    return items
+
+
+class MVTecDataModule(pl.LightningDataModule):
+    """Decodes a category once, keeps it as tensors on the training device, batches there."""
+
+    def __init__(
+        self,
+        root: str,
+        category: str,
+        image_size: int = 128,
+        channels: int | None = None,
+        batch_size: int = 32,
+        test_batch_size: int = 32,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if image_size < 8:
+            raise ValueError(f"data.image_size must be >= 8, got {image_size}")
+        if channels not in (None, 1, 3):
+            raise ValueError(f"data.channels must be null (auto), 1 or 3, got {channels}")
+        if batch_size < 1 or test_batch_size < 1:
+            raise ValueError(
+                f"data.batch_size and data.test_batch_size must be >= 1, got {batch_size}, {test_batch_size}"
+            )
+        self.root = root
+        self.category = category
+        self.image_size = image_size
+        self._channels = channels
+        self.batch_size = batch_size
+        self.test_batch_size = test_batch_size
+        self.seed = seed
+        self.train_data: dict[str, torch.Tensor] | None = None
+        self.test_data: dict[str, torch.Tensor] | None = None
+        self.test_meta: list[TestItem] = []
+
+    @property
+    def category_dir(self) -> Path:
+        return category_dir(self.root, self.category)
+
+    @property
+    def num_channels(self) -> int:
+        """1 for grayscale categories (decided from the first training image), else 3."""
+        if self._channels is None:
+            self._channels = image_channels(train_files(self.category_dir)[0])
+        return self._channels
+
+    def _device(self) -> torch.device:
+        trainer = self.trainer
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def _dist(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def load_train(self) -> dict[str, torch.Tensor]:
+        if self.train_data is None:
+            files = train_files(self.category_dir)
+            imgs = [load_image(f, self.image_size, self.num_channels)[0] for f in files]
+            self.train_data = {"image": torch.stack(imgs).to(self._device())}
+        return self.train_data
+
+    def load_test(self) -> dict[str, torch.Tensor]:
+        if self.test_data is None:
+            self.test_meta = test_items(self.category_dir)
+            imgs, masks = [], []
+            for item in self.test_meta:
+                img, orig = load_image(item.image, self.image_size, self.num_channels)
+                imgs.append(img)
+                if item.mask is None:
+                    masks.append(torch.zeros(self.image_size, self.image_size, dtype=torch.bool))
+                else:
+                    masks.append(load_mask(item.mask, self.image_size, orig, item.image))
+            device = self._device()
+            self.test_data = {
+                "image": torch.stack(imgs).to(device),
+                "mask": torch.stack(masks).to(device),
+                "label": torch.tensor([it.label for it in self.test_meta], device=device),
+                "index": torch.arange(len(self.test_meta), device=device),
+            }
+        return self.test_data
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            self.load_train()
+        if stage in (None, "test", "predict"):
+            self.load_test()
+
+    def train_dataloader(self) -> DeviceBatchLoader:
+        data = self.load_train()
+        rank, world = self._dist()
+        n_per_rank = len(data["image"]) // world
+        if n_per_rank < self.batch_size:
+            raise DatasetError(
+                f"data.batch_size={self.batch_size} exceeds the {n_per_rank} training images per process "
+                f"in {self.category_dir / 'train' / 'good'}"
+            )
+        trainer = self.trainer
+        return DeviceBatchLoader(
+            data, self.batch_size, shuffle=True, drop_last=True, seed=self.seed, rank=rank, world_size=world,
+            epoch_fn=(lambda: trainer.current_epoch) if trainer is not None else None,
+        )  # fmt: skip
+
+    def stats_dataloader(self) -> DeviceBatchLoader:
+        """Every training image once, in order, sharded across ranks: for the gradient statistics."""
+        rank, world = self._dist()
+        return DeviceBatchLoader(self.load_train(), self.test_batch_size, rank=rank, world_size=world)
+
+    def test_dataloader(self) -> DeviceBatchLoader:
+        rank, world = self._dist()
+        return DeviceBatchLoader(self.load_test(), self.test_batch_size, rank=rank, world_size=world)
