@@ -6,11 +6,12 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, tiny_overrides
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from ebmad.train import CONF_DIR
+
+from conftest import REPO, tiny_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 

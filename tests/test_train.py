@@ -5,12 +5,13 @@ import json
 
 import pytest
 import torch
-from wandb_records import summary_and_config
 
 from ebmad.data import MVTecDataModule
 from ebmad.module import EBMModule
 from ebmad.scoring import energy_and_grad
 from ebmad.train import run
+
+from wandb_records import summary_and_config
 
 
 def read_scores(path):
