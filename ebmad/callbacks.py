@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import signal
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -12,6 +16,8 @@ from PIL import Image
 
 from ebmad.module import EBMModule
 from ebmad.scoring import MomentAccumulator, energy_and_grad
+
+log = logging.getLogger(__name__)
 
 
 def fit_gradient_stats(
@@ -46,8 +52,10 @@ class GradientStatsCallback(pl.Callback):
     an exception, when training is unfinished.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, refit_on_test: bool = False, stats_file: str | None = None) -> None:
         self.fitted_at_step: int | None = None
+        self.refit_on_test = refit_on_test
+        self.stats_file = Path(stats_file) if stats_file else None
 
     @staticmethod
     def _is_final_batch(trainer: pl.Trainer, batch_idx: int) -> bool:
@@ -61,7 +69,7 @@ class GradientStatsCallback(pl.Callback):
         last_batch = batch_idx + 1 >= trainer.num_training_batches
         return bool(last_batch and max_epochs is not None and 0 <= max_epochs <= trainer.current_epoch + 1)
 
-    def _fit_and_save(self, trainer: pl.Trainer, pl_module: EBMModule) -> None:
+    def _fit(self, trainer: pl.Trainer, pl_module: EBMModule) -> None:
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "stats_dataloader"):
             raise RuntimeError("GradientStatsCallback needs a datamodule with a stats_dataloader()")
@@ -72,6 +80,13 @@ class GradientStatsCallback(pl.Callback):
         with torch.no_grad():
             fit_gradient_stats(pl_module, dm.stats_dataloader(), reduce_sum)
         self.fitted_at_step = trainer.global_step
+        if self.stats_file is not None and trainer.is_global_zero:
+            self.stats_file.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"mean": pl_module.grad_mean.cpu(), "std": pl_module.grad_std.cpu(),
+                        "count": float(pl_module.stats_count), "world_size": trainer.world_size}, self.stats_file)  # fmt: skip
+
+    def _fit_and_save(self, trainer: pl.Trainer, pl_module: EBMModule) -> None:
+        self._fit(trainer, pl_module)
         for cb in trainer.checkpoint_callbacks:
             if getattr(cb, "dirpath", None) and getattr(cb, "save_last", False):
                 path = Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
@@ -82,8 +97,18 @@ class GradientStatsCallback(pl.Callback):
         if self._is_final_batch(trainer, batch_idx):
             self._fit_and_save(trainer, pl_module)
 
+    def on_test_start(self, trainer: pl.Trainer, pl_module: EBMModule) -> None:
+        if self.refit_on_test:  # e.g. a checkpoint evaluated with other training images or more ranks
+            self._fit(trainer, pl_module)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: EBMModule) -> None:
-        if self.fitted_at_step == trainer.global_step or trainer.interrupted or trainer.received_sigterm:
+        preempted = any(getattr(cb, "preempted", False) for cb in trainer.callbacks)
+        if (
+            self.fitted_at_step == trainer.global_step
+            or preempted
+            or trainer.interrupted
+            or trainer.received_sigterm
+        ):
             return
         self._fit_and_save(trainer, pl_module)
 
@@ -134,3 +159,48 @@ class AnomalyMapLogger(pl.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, pl.loggers.WandbLogger):
                 logger.log_image("test/anomaly_maps", images=list(panels), caption=names)
+
+
+class PreemptionCheckpoint(pl.Callback):
+    """SIGTERM or SIGUSR1 (preemption): finish the batch, write ``last.ckpt``, stop training.
+
+    The decision is shared across DDP ranks (any rank that got the signal stops all of them). The
+    run is then marked interrupted; the next start of the same job resumes from the checkpoint.
+    Lightning's own SIGTERM handler is replaced while training runs and restored afterwards.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+        self.signum: int | None = None
+        self.preempted = False
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._previous[sig] = signal.signal(sig, self._handler)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        got = self.signum is not None
+        if trainer.world_size > 1:
+            got = trainer.strategy.reduce_boolean_decision(got, all=False)
+        if got and not self.preempted:
+            self.preempted = True
+            self.signum = self.signum or int(signal.SIGTERM)
+            trainer.save_checkpoint(self.dirpath / "last.ckpt")
+            trainer.should_stop = True
+            log.warning("signal %s: saved %s at step %d, stopping", self.signum, self.dirpath / "last.ckpt",
+                        trainer.global_step)  # fmt: skip
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()

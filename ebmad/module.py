@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -168,6 +169,23 @@ class EBMModule(pl.LightningModule):
         energy, grad = energy_and_grad(self.net, x)
         return compute_scores(energy, grad, self.grad_mean, self.grad_std, self.hparams.score_eps)
 
+    def evaluate(self, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Exact image and pixel AUROC of every score over labelled batches, outside the Trainer."""
+        pixel = {k: PixelAUROC().to(self.device) for k in PIXEL_MAPS}
+        scores: dict[str, list[torch.Tensor]] = {k: [] for k in IMAGE_SCORES}
+        labels = []
+        for batch in batches:
+            images, maps = self.score(batch["image"])
+            for k, m in maps.items():
+                pixel[k].update(m, batch["mask"])
+            for k, v in images.items():
+                scores[k].append(v)
+            labels.append(batch["label"])
+        lab = torch.cat(labels)
+        metrics = {f"image_auroc/{k}": image_auroc(torch.cat(v), lab) for k, v in scores.items()}
+        metrics.update({f"pixel_auroc/{k}": float(m.compute()) for k, m in pixel.items()})
+        return metrics
+
     def _map_scales(self) -> dict[str, float]:
         """Typical magnitude of each pixel map, from the training statistics (binned AUROC only)."""
         c = self.hparams.in_channels
@@ -226,7 +244,9 @@ class EBMModule(pl.LightningModule):
             metrics[f"image_auroc/{k}"] = image_auroc(v, labels)
         for k, m in self.pixel_auroc.items():
             metrics[f"pixel_auroc/{k}"] = float(m.compute())
-        self.log_dict({f"test/{k}": v for k, v in metrics.items()}, sync_dist=False)
+        self.log_dict(
+            {f"test/{k}": v for k, v in metrics.items()}, sync_dist=True
+        )  # equal on all ranks already
         order = torch.argsort(index)
         self.test_results = {
             "metrics": metrics,

@@ -7,19 +7,26 @@ the test set and writes ``results.json`` (plus ``scores.csv``) into the run's ou
 from __future__ import annotations
 
 import csv
+import json
 import logging
+import os
 import time
+import traceback
+import uuid
 from pathlib import Path
 from typing import Any
 
 import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ebmad.data.mvtec import MVTecDataModule
 from ebmad.data.synthetic import generate_category
+from ebmad.distributed import isolated_job, patch_lightning_hydra_launcher
 from ebmad.module import EBMModule
 from ebmad.utils import PROJECT_ROOT, device_info, git_commit, score_statistics, write_json
 
@@ -57,8 +64,16 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
 
 
-def build_loggers(cfg: DictConfig) -> list[Any]:
-    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
+def build_loggers(cfg: DictConfig, out: Path) -> list[Any]:
+    loggers = []
+    for c in (cfg.get("logger") or {}).values():
+        if not c or "_target_" not in c:
+            continue
+        if c._target_.endswith("WandbLogger"):
+            loggers.append(instantiate(c, id=wandb_run_id(out), resume="allow"))
+        else:
+            loggers.append(instantiate(c))
+    return loggers
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -89,7 +104,7 @@ def load_for_test(cfg: DictConfig, dm: MVTecDataModule) -> EBMModule:
 
 
 def write_outputs(out: Path, cfg: DictConfig, model: EBMModule, dm: MVTecDataModule, trainer: pl.Trainer,
-                  timings: dict[str, float]) -> dict[str, Any]:  # fmt: skip
+                  timings: dict[str, float], validation: dict[str, float]) -> dict[str, Any]:  # fmt: skip
     res = model.test_results
     meta = dm.test_meta
     with open(out / "scores.csv", "w", newline="") as fh:
@@ -105,6 +120,7 @@ def write_outputs(out: Path, cfg: DictConfig, model: EBMModule, dm: MVTecDataMod
         "metrics": res["metrics"],
         "image_auroc": res["metrics"].get("image_auroc/A_std_l2"),
         "pixel_auroc": res["metrics"].get("pixel_auroc/a_std_l2"),
+        "validation": validation,
         "score_statistics": score_statistics(res["scores"], res["labels"]),
         "n_train": len(dm.load_train()["image"]),
         "n_test": len(meta),
@@ -119,31 +135,134 @@ def write_outputs(out: Path, cfg: DictConfig, model: EBMModule, dm: MVTecDataMod
     return results
 
 
+IDENTITY_KEYS = ("data", "model", "seed")  # what must match to resume or skip a job in the same folder
+NOT_IDENTITY = {"data": ("root", "test_batch_size"), "model": ("n_examples", "pixel_auroc_thresholds")}
+
+
+class Preempted(Exception):
+    """Training stopped on a signal after writing its checkpoint."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(f"stopped by signal {signum} at step {step}")
+        self.signum = signum
+
+
+def job_identity(cfg: DictConfig) -> dict[str, Any]:
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    identity = {k: resolved.get(k) for k in IDENTITY_KEYS}
+    for group, keys in NOT_IDENTITY.items():
+        for key in keys:
+            (identity.get(group) or {}).pop(key, None)
+    return identity
+
+
+def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def prepare_job(cfg: DictConfig, out: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """Decide what an existing run folder means: (results to reuse, checkpoint to resume from).
+
+    With ``resume=true`` (the default) a folder whose ``results.json`` says completed is skipped,
+    and one with ``checkpoints/last.ckpt`` resumes from it. A folder holding a run of a different
+    data/model/seed configuration is refused rather than mixed.
+    """
+    job_file = out / "job.json"
+    identity = job_identity(cfg)
+    if cfg.get("resume", True) and job_file.is_file():
+        before = json.loads(job_file.read_text())["identity"]
+        if before != identity:
+            diff = diff_keys(before, identity)
+            raise ValueError(
+                f"{out} holds a run with a different configuration ({', '.join(diff)} differ); use another "
+                "sweep_name / hydra.run.dir, or resume=false to start over in this folder"
+            )
+        results_file = out / "results.json"
+        if results_file.is_file():
+            results = json.loads(results_file.read_text())
+            if results.get("status") == "completed" and (cfg.test or not cfg.train):
+                return results, None
+        ckpt = out / "checkpoints" / "last.ckpt"
+        if cfg.train and not cfg.get("ckpt_path") and ckpt.is_file():
+            return None, str(ckpt)
+    if is_rank_zero():
+        write_json(job_file, {"identity": identity, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return None, None
+
+
+def is_rank_zero() -> bool:
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
+def wandb_run_id(out: Path) -> str:
+    """A W&B run id kept in the run folder, so that a resumed job continues the same W&B run."""
+    path = out / "wandb_run_id"
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:8]
+    if is_rank_zero():
+        path.write_text(run_id)
+    return run_id
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and/or test as configured; returns the results written to ``results.json``."""
     check_config(cfg)
-    pl.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    done, resume_ckpt = prepare_job(cfg, out)
+    if done is not None:
+        log.info("[%s] already completed in %s: skipping (resume=false reruns it)", done.get("category"), out)
+        print(f"SKIP category={done.get('category')} status=completed out={out}", flush=True)
+        return done
+    if resume_ckpt:
+        log.info("resuming from %s", resume_ckpt)
+    ckpt_path = cfg.get("ckpt_path") or resume_ckpt
+    pl.seed_everything(cfg.seed, workers=True)
     dm = build_datamodule(cfg)
     model = build_model(cfg, dm) if cfg.train else load_for_test(cfg, dm)
-    loggers = build_loggers(cfg)
+    loggers = build_loggers(cfg, out)
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers or False)
     for lg in loggers:
-        lg.log_hyperparams({"cfg": OmegaConf.to_container(cfg, resolve=True)})
+        lg.log_hyperparams({"cfg": OmegaConf.to_container(cfg, resolve=True), "category": dm.category,
+                            "overrides": job_overrides()})  # fmt: skip
     timings: dict[str, float] = {}
     results: dict[str, Any] = {}
+    validation: dict[str, float] = {}
     try:
         if cfg.train:
             t0 = time.perf_counter()
-            trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+            start_step = (
+                int(torch.load(ckpt_path, map_location="cpu", weights_only=False)["global_step"])
+                if ckpt_path
+                else 0
+            )
+            trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
             timings["fit"] = time.perf_counter() - t0
+            preempt = next((cb for cb in trainer.callbacks if getattr(cb, "preempted", False)), None)
+            if preempt is not None:
+                if trainer.is_global_zero:
+                    write_json(out / "results.json", {"status": "interrupted", "category": dm.category,
+                                                      "global_step": trainer.global_step, "signal": preempt.signum,
+                                                      "resumed_from_step": start_step})  # fmt: skip
+                raise Preempted(preempt.signum, trainer.global_step)
+        if dm.val_fraction > 0:
+            validation = {f"validation/{k}": v for k, v in model.evaluate(dm.validation_dataloader()).items()}
+            for lg in loggers:
+                lg.log_metrics(validation, step=trainer.global_step)
+            log.info("validation (held-out good + planted defects): %s", validation)
         if cfg.test:
             t0 = time.perf_counter()
             trainer.test(model, datamodule=dm, verbose=False)
             timings["test"] = time.perf_counter() - t0
             if trainer.is_global_zero:
-                results = write_outputs(out, cfg, model, dm, trainer, timings)
+                results = write_outputs(out, cfg, model, dm, trainer, timings, validation)
+                if cfg.train:
+                    results["resumed_from_step"] = start_step
+                    write_json(out / "results.json", results)
                 m = results["metrics"]
                 log.info(
                     "[%s] image AUROC %.4f (A_std_l2), %.4f (energy) | pixel AUROC %.4f (a_std_l2) | %s",
@@ -154,19 +273,56 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                       f"pixel_auroc={m['pixel_auroc/a_std_l2']:.4f} out={out}", flush=True)  # fmt: skip
     finally:
         for lg in loggers:
-            if isinstance(lg, pl.loggers.WandbLogger):
+            if isinstance(lg, pl.loggers.WandbLogger) and trainer.is_global_zero:
                 if results:
                     lg.experiment.summary.update({f"test/{k}": v for k, v in results["metrics"].items()})
                 lg.experiment.finish()
     return results
 
 
+def job_overrides() -> list[str]:
+    """This job's command-line overrides (empty outside Hydra)."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def record_failure(cfg: DictConfig, exc: BaseException) -> None:
+    """results.json with status failed, so sweeps and reports show the job instead of dropping it."""
+    out = Path(cfg.paths.output_dir)
+    category = OmegaConf.select(cfg, "data.category", default=None)
+    write_json(out / "results.json", {"status": "failed", "category": category, "error": f"{type(exc).__name__}: {exc}",
+                                      "traceback": traceback.format_exc(), "overrides": job_overrides()})  # fmt: skip
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Hydra main; returns the standardized image AUROC (for sweepers)."""
+    """Hydra main; returns ``cfg.optimized_metric`` from the results (for sweepers)."""
     torch.set_float32_matmul_precision("high")
-    results = run(cfg)
-    return results.get("image_auroc") if results else None
+    if HydraConfig.initialized():
+        patch_lightning_hydra_launcher()
+    try:
+        with isolated_job():
+            results = run(cfg)
+    except Preempted as exc:
+        log.warning("%s; rerun the same command to resume", exc)
+        raise SystemExit(128 + int(exc.signum)) from None
+    except Exception as exc:
+        if is_rank_zero():
+            record_failure(cfg, exc)
+        if in_multirun():  # one failed job must not stop the sweep; the summary lists it
+            log.exception("job failed: %s", exc)
+            return None
+        raise
+    metric = cfg.get("optimized_metric")
+    if not metric or not results:
+        return results.get("image_auroc") if results else None
+    value = {**results.get("metrics", {}), **results.get("validation", {})}.get(metric)
+    if value is None:
+        raise KeyError(f"optimized_metric={metric} is not among the results of this run")
+    return float(value)
 
 
 if __name__ == "__main__":

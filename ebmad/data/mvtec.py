@@ -13,6 +13,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
+from ebmad.data.corruption import plant_defects
 from ebmad.data.io import DatasetError, image_channels, list_images, load_image, load_mask
 from ebmad.data.loader import DeviceBatchLoader
 
@@ -87,6 +88,7 @@ class MVTecDataModule(pl.LightningDataModule):
         batch_size: int = 32,
         test_batch_size: int = 32,
         seed: int = 0,
+        val_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         if image_size < 8:
@@ -97,6 +99,10 @@ class MVTecDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"data.batch_size and data.test_batch_size must be >= 1, got {batch_size}, {test_batch_size}"
             )
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        self.val_fraction = val_fraction
+        self.val_data: dict[str, torch.Tensor] | None = None
         self.root = root
         self.category = category
         self.image_size = image_size
@@ -128,11 +134,31 @@ class MVTecDataModule(pl.LightningDataModule):
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def load_train(self) -> dict[str, torch.Tensor]:
+        """Training images; with ``val_fraction`` > 0 a seeded share of them is held out for validation."""
         if self.train_data is None:
             files = train_files(self.category_dir)
-            imgs = [load_image(f, self.image_size, self.num_channels)[0] for f in files]
-            self.train_data = {"image": torch.stack(imgs).to(self._device())}
+            imgs = torch.stack([load_image(f, self.image_size, self.num_channels)[0] for f in files])
+            n_val = int(round(self.val_fraction * len(imgs)))
+            if n_val:
+                order = torch.randperm(len(imgs), generator=torch.Generator().manual_seed(self.seed))
+                held, imgs = imgs[order[:n_val]], imgs[order[n_val:]]
+                bad, masks = plant_defects(held, seed=self.seed)
+                n = len(held)
+                self.val_data = {
+                    "image": torch.cat([held, bad]).to(self._device()),
+                    "mask": torch.cat([torch.zeros_like(masks), masks]).to(self._device()),
+                    "label": torch.cat([torch.zeros(n), torch.ones(n)]).long().to(self._device()),
+                    "index": torch.arange(2 * n, device=self._device()),
+                }
+            self.train_data = {"image": imgs.to(self._device())}
         return self.train_data
+
+    def validation_dataloader(self) -> DeviceBatchLoader:
+        """Held-out good images and the same images with planted defects (no test data involved)."""
+        self.load_train()
+        if self.val_data is None:
+            raise ValueError("no validation data: set data.val_fraction > 0")
+        return DeviceBatchLoader(self.val_data, self.test_batch_size)
 
     def load_test(self) -> dict[str, torch.Tensor]:
         if self.test_data is None:
