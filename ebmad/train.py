@@ -7,6 +7,7 @@ the test set and writes ``results.json`` (plus ``scores.csv``) into the run's ou
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -32,6 +33,26 @@ from ebmad.utils import PROJECT_ROOT, device_info, git_commit, score_statistics,
 
 log = logging.getLogger("ebmad")
 CONF_DIR = PROJECT_ROOT / "conf"
+MAX_JOB_DIR = 120
+
+
+def job_dir_name(override_dirname: str) -> str:
+    """A sweep job's folder name: its overrides, or ``<category>-<hash>`` when they are too long for a path.
+
+    Deterministic, so re-running a sweep finds the same folders; the full overrides are always in
+    ``.hydra/overrides.yaml``.
+    """
+    if not override_dirname:
+        return "default"
+    if len(override_dirname) <= MAX_JOB_DIR:
+        return override_dirname
+    category = next(
+        (kv.split("=", 1)[1] for kv in override_dirname.split(",") if kv.startswith("data.category=")), "job"
+    )
+    return f"{category}-{hashlib.sha1(override_dirname.encode()).hexdigest()[:12]}"
+
+
+OmegaConf.register_new_resolver("ebmad_job_dir", job_dir_name, replace=True)
 
 
 def instantiate(node: Any, **kwargs: Any) -> Any:

@@ -132,3 +132,14 @@ def test_scoring_without_stats_is_refused():
     model = EBMModule(image_size=32)
     with pytest.raises(RuntimeError, match="gradient statistics are not fitted"):
         model.score(torch.zeros(1, 3, 32, 32))
+
+
+def test_run_folder_is_skipped_when_done_and_never_reused_for_another_model(make_cfg, tmp_path):
+    out = tmp_path / "job"
+    first = run(make_cfg(out=out))
+    again = run(make_cfg(out=out))  # completed: returned from results.json, nothing retrained
+    assert again["metrics"] == pytest.approx(first["metrics"])
+    with pytest.raises(ValueError, match=r"different configuration \(model.base_width differ\)"):
+        run(make_cfg("model.base_width=16", out=out))
+    fresh = run(make_cfg("model.base_width=16", "resume=false", out=out))
+    assert fresh["config"]["model"]["base_width"] == 16

@@ -1,0 +1,99 @@
+"""DDP with two CPU processes (gloo) through the Hydra entry point, and preemption by signal."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from test_hydra import cli
+
+from conftest import REPO, tiny_overrides
+
+
+def scores(path):
+    with open(path) as fh:
+        return {r["index"]: r for r in csv.DictReader(fh)}
+
+
+def test_ddp_two_processes_match_one_process(synth_root, tmp_path):
+    # one set of weights, trained once
+    base = [*tiny_overrides(synth_root), "logger=none"]
+    assert cli(*base, f"hydra.run.dir={tmp_path / 'fit'}").returncode == 0
+    ckpt = tmp_path / "fit" / "checkpoints" / "last.ckpt"
+    # refit the statistics and test with 1 process and with 2 DDP processes on the same weights and data
+    evaluate = [*base, "train=false", "refit_stats=true", f"ckpt_path={ckpt}", "data.test_batch_size=3"]
+    one = cli(*evaluate, f"hydra.run.dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = cli(*evaluate, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+              f"hydra.run.dir={tmp_path / 'two'}")  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    s1, s2 = (torch.load(tmp_path / d / "gradient_stats.pt") for d in ("one", "two"))
+    assert s2["world_size"] == 2 and s1["world_size"] == 1
+    assert s1["count"] == s2["count"] == 16  # every training image once: sums reduced, not per-rank means
+    assert torch.allclose(s1["mean"], s2["mean"], rtol=1e-5, atol=1e-8)
+    assert torch.allclose(s1["std"], s2["std"], rtol=1e-5, atol=1e-8)
+    r1, r2 = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert r1["n_test"] == r2["n_test"] == 14
+    assert r2["metrics"] == pytest.approx(r1["metrics"], abs=1e-6)
+    a, b = scores(tmp_path / "one" / "scores.csv"), scores(tmp_path / "two" / "scores.csv")
+    assert a.keys() == b.keys() and len(a) == 14
+    for i in a:
+        for k in ("energy", "A_std_l2", "A_raw_l1"):
+            assert float(a[i][k]) == pytest.approx(float(b[i][k]), rel=1e-4), (i, k)
+    # the extra rank ran as a single run of this job, in this job's folder
+    assert (tmp_path / "two" / "train_ddp_process_1.log").is_file()
+    assert not any(p.name.startswith("train_ddp") for p in (tmp_path / "one").iterdir())
+
+
+def test_ddp_training_in_a_multirun(synth_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    base = [o for o in tiny_overrides(synth_root) if not o.startswith("data.category")]
+    p = cli("-m", "data.category=tex_a,tex_b", *base, "data.batch_size=4", "logger=none", "trainer=ddp",
+            "trainer.accelerator=cpu", "trainer.devices=2", f"hydra.sweep.dir={sweep}", timeout=300)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    jobs = sorted(d for d in sweep.iterdir() if d.is_dir())
+    assert len(jobs) == 2  # no duplicate folders from the extra ranks
+    for d in jobs:
+        res = json.loads((d / "results.json").read_text())
+        assert res["status"] == "completed" and res["global_step"] == 6
+        assert (d / "train_ddp_process_1.log").is_file()
+        stats = torch.load(d / "gradient_stats.pt")
+        assert stats["world_size"] == 2 and stats["count"] == 16
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_signal_saves_checkpoint_and_next_start_resumes(synth_root, tmp_path, sig):
+    out = tmp_path / "job"
+    args = [sys.executable, "-m", "ebmad.train", *tiny_overrides(synth_root), "trainer.max_steps=400",
+            "callbacks.model_checkpoint.every_n_train_steps=1000", "logger=wandb", f"hydra.run.dir={out}"]  # fmt: skip
+    env = {**os.environ, "WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(
+        args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    wandb_dir = out / "wandb"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (wandb_dir.is_dir() and list(wandb_dir.glob("offline-run-*"))):
+        time.sleep(0.2)
+    time.sleep(3)  # let it train a few steps
+    proc.send_signal(getattr(signal, sig))
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + getattr(signal, sig), log[-3000:]
+    state = json.loads((out / "results.json").read_text())
+    assert state["status"] == "interrupted"
+    stopped_at = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    assert 0 < stopped_at < 400 and stopped_at == state["global_step"]
+    run_id = (out / "wandb_run_id").read_text().strip()
+
+    p = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    done = json.loads((out / "results.json").read_text())
+    assert done["status"] == "completed" and done["global_step"] == 400
+    assert done["resumed_from_step"] == stopped_at
+    assert (out / "wandb_run_id").read_text().strip() == run_id
+    runs = sorted(wandb_dir.glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs)  # the same W&B run, continued
