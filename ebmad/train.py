@@ -125,7 +125,7 @@ def load_for_test(cfg: DictConfig, dm: MVTecDataModule) -> EBMModule:
 
 
 def write_outputs(out: Path, cfg: DictConfig, model: EBMModule, dm: MVTecDataModule, trainer: pl.Trainer,
-                  timings: dict[str, float], validation: dict[str, float]) -> dict[str, Any]:  # fmt: skip
+                  timings: dict[str, float], extra: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     res = model.test_results
     meta = dm.test_meta
     with open(out / "scores.csv", "w", newline="") as fh:
@@ -141,7 +141,7 @@ def write_outputs(out: Path, cfg: DictConfig, model: EBMModule, dm: MVTecDataMod
         "metrics": res["metrics"],
         "image_auroc": res["metrics"].get("image_auroc/A_std_l2"),
         "pixel_auroc": res["metrics"].get("pixel_auroc/a_std_l2"),
-        "validation": validation,
+        **extra,
         "score_statistics": score_statistics(res["scores"], res["labels"]),
         "n_train": len(dm.load_train()["image"]),
         "n_test": len(meta),
@@ -253,6 +253,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     timings: dict[str, float] = {}
     results: dict[str, Any] = {}
     validation: dict[str, float] = {}
+    start_step = 0
     try:
         if cfg.train:
             t0 = time.perf_counter()
@@ -280,10 +281,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             trainer.test(model, datamodule=dm, verbose=False)
             timings["test"] = time.perf_counter() - t0
             if trainer.is_global_zero:
-                results = write_outputs(out, cfg, model, dm, trainer, timings, validation)
-                if cfg.train:
-                    results["resumed_from_step"] = start_step
-                    write_json(out / "results.json", results)
+                extra = {"validation": validation, "resumed_from_step": start_step if cfg.train else None}
+                results = write_outputs(out, cfg, model, dm, trainer, timings, extra)
                 m = results["metrics"]
                 log.info(
                     "[%s] image AUROC %.4f (A_std_l2), %.4f (energy) | pixel AUROC %.4f (a_std_l2) | %s",

@@ -106,7 +106,7 @@ def test_wandb_offline_run_files(make_cfg, tmp_path):
     assert summary["test/image_auroc/A_std_l2"] == pytest.approx(saved["metrics"]["image_auroc/A_std_l2"])
     assert summary["test/anomaly_maps/count"] == 8
     assert config["sgld_steps"] == 5 and config["cfg"]["data"]["category"] == "tex_a"
-    assert config["_group"] == "train" and config["_project"] == "ebmad"
+    assert config["_group"] == "train-default" and config["_project"] == "ebmad"  # <task_name>-<sweep_name>
 
 
 def test_csv_logger(make_cfg, tmp_path):
