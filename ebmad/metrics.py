@@ -8,6 +8,8 @@ only on the ranks, so the values are exact.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torchmetrics.classification import BinaryAUROC
 from torchmetrics.functional.classification import binary_auroc
@@ -40,8 +42,8 @@ class PixelAUROC(BinaryAUROC):
     ``scale`` is a typical map value; with binned thresholds it spreads the scores over [0, 1].
     """
 
-    def __init__(self, thresholds: int | None = None, scale: float = 1.0) -> None:
-        super().__init__(thresholds=thresholds)
+    def __init__(self, thresholds: int | None = None, scale: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(thresholds=thresholds, **kwargs)
         self.scale = scale
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:  # type: ignore[override]

@@ -171,7 +171,8 @@ class EBMModule(pl.LightningModule):
 
     def evaluate(self, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Exact image and pixel AUROC of every score over labelled batches, outside the Trainer."""
-        pixel = {k: PixelAUROC().to(self.device) for k in PIXEL_MAPS}
+        # every rank evaluates the whole (small) set itself: no cross-process sync
+        pixel = {k: PixelAUROC(sync_on_compute=False).to(self.device) for k in PIXEL_MAPS}
         scores: dict[str, list[torch.Tensor]] = {k: [] for k in IMAGE_SCORES}
         labels = []
         for batch in batches:

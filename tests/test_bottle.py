@@ -32,3 +32,20 @@ def test_bottle_small_cpu_run_beats_chance(make_cfg, tmp_path):
     assert m["image_auroc/energy"] > 0.7
     assert m["image_auroc/A_std_l2"] > 0.7
     assert m["pixel_auroc/a_std_l2"] > 0.7
+
+
+@pytest.mark.slow
+def test_bottle_sanity_reference(tmp_path):
+    """The documented sanity reference (experiment=sanity32: 32x32, K=40, 400 steps; ~12 min on 2 cores)."""
+    from ebmad.train import run
+
+    from conftest import compose_cfg
+
+    cfg = compose_cfg(tmp_path / "sanity", ["experiment=sanity32", f"data.root={BOTTLE_ROOT}", "logger=none",
+                                            "trainer.enable_progress_bar=false"])  # fmt: skip
+    m = run(cfg)["metrics"]
+    print({k: round(v, 3) for k, v in m.items()})
+    # reference on this machine: energy ~0.95, A_std_l2 ~0.97, pixel a_std_l2 ~0.88
+    assert m["image_auroc/energy"] > 0.9
+    assert m["image_auroc/A_std_l2"] > 0.9
+    assert m["pixel_auroc/a_std_l2"] > 0.83
