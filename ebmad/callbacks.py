@@ -102,10 +102,9 @@ class GradientStatsCallback(pl.Callback):
             self._fit(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: EBMModule) -> None:
-        preempted = any(getattr(cb, "preempted", False) for cb in trainer.callbacks)
         if (
             self.fitted_at_step == trainer.global_step
-            or preempted
+            or preemption_signal(trainer) is not None
             or trainer.interrupted
             or trainer.received_sigterm
         ):
@@ -204,3 +203,9 @@ class PreemptionCheckpoint(pl.Callback):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+def preemption_signal(trainer: pl.Trainer) -> int | None:
+    """The signal that stopped training through :class:`PreemptionCheckpoint`, or None."""
+    cb = next((c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint) and c.preempted), None)
+    return cb.signum if cb is not None else None

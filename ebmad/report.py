@@ -43,6 +43,12 @@ class Job:
     error: str = ""
 
 
+def _split(override: str) -> tuple[str, str]:
+    """``"+key=value"`` -> ``("key", "value")``."""
+    key, _, value = override.partition("=")
+    return key.lstrip("+~"), value
+
+
 def _read_yaml(path: Path) -> Any:
     try:
         return yaml.safe_load(path.read_text())
@@ -58,9 +64,9 @@ def _job_overrides(folder: Path) -> list[str]:
 
 
 def _setting(overrides: list[str], sweep_keys: set[str] | None) -> str:
-    items = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != CATEGORY_KEY]
+    items = [o for o in overrides if _split(o)[0] != CATEGORY_KEY]
     if sweep_keys is not None:
-        items = [o for o in items if o.split("=", 1)[0].lstrip("+~") in sweep_keys]
+        items = [o for o in items if _split(o)[0] in sweep_keys]
     return ",".join(sorted(items)) or "default"
 
 
@@ -78,18 +84,16 @@ def _swept_keys(sweep_dir: Path) -> set[str] | None:
     if not (sweep_dir / "multirun.yaml").is_file():
         return None
     keys = set()
-    for o in _sweep_overrides(sweep_dir):
-        key, _, value = o.partition("=")
+    for key, value in map(_split, _sweep_overrides(sweep_dir)):
         if "," in value or value.split("(")[0] in ("choice", "range", "interval", "tag", "glob"):
-            keys.add(key.lstrip("+~"))
+            keys.add(key)
     return keys
 
 
 def expected_categories(sweep_dir: Path) -> list[str]:
     """Categories the sweep was launched with (from multirun.yaml), if recorded."""
-    for o in _sweep_overrides(sweep_dir):
-        key, _, value = o.partition("=")
-        if key.lstrip("+~") == CATEGORY_KEY and "(" not in value:
+    for key, value in map(_split, _sweep_overrides(sweep_dir)):
+        if key == CATEGORY_KEY and "(" not in value:
             return [v.strip() for v in value.split(",") if v.strip()]
     return []
 
@@ -109,7 +113,7 @@ def collect_jobs(sweep_dir: str | Path, categories: list[str] | None = None) -> 
         overrides = _job_overrides(folder)
         res = json.loads((folder / "results.json").read_text()) if (folder / "results.json").is_file() else {}
         category = res.get("category") or next(
-            (o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == CATEGORY_KEY), "?"
+            (v for k, v in map(_split, overrides) if k == CATEGORY_KEY), "?"
         )
         jobs.append(Job(folder, category, _setting(overrides, sweep_keys), res.get("status", "incomplete"),
                         res.get("metrics", {}), res.get("error", "")))  # fmt: skip

@@ -10,7 +10,6 @@ import csv
 import hashlib
 import json
 import logging
-import os
 import time
 import traceback
 import uuid
@@ -24,7 +23,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
 
+from ebmad.callbacks import preemption_signal
 from ebmad.data.mvtec import MVTecDataModule
 from ebmad.data.synthetic import generate_category
 from ebmad.distributed import isolated_job, patch_lightning_hydra_launcher
@@ -209,13 +210,9 @@ def prepare_job(cfg: DictConfig, out: Path) -> tuple[dict[str, Any] | None, str 
         ckpt = out / "checkpoints" / "last.ckpt"
         if cfg.train and not cfg.get("ckpt_path") and ckpt.is_file():
             return None, str(ckpt)
-    if is_rank_zero():
+    if rank_zero_only.rank == 0:
         write_json(job_file, {"identity": identity, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return None, None
-
-
-def is_rank_zero() -> bool:
-    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
 
 
 def wandb_run_id(out: Path) -> str:
@@ -224,7 +221,7 @@ def wandb_run_id(out: Path) -> str:
     if path.is_file():
         return path.read_text().strip()
     run_id = uuid.uuid4().hex[:8]
-    if is_rank_zero():
+    if rank_zero_only.rank == 0:
         path.write_text(run_id)
     return run_id
 
@@ -258,19 +255,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if cfg.train:
             t0 = time.perf_counter()
             start_step = (
-                int(torch.load(ckpt_path, map_location="cpu", weights_only=False)["global_step"])
+                int(torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
                 if ckpt_path
                 else 0
             )
             trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
             timings["fit"] = time.perf_counter() - t0
-            preempt = next((cb for cb in trainer.callbacks if getattr(cb, "preempted", False)), None)
-            if preempt is not None:
+            signum = preemption_signal(trainer)
+            if signum is not None:
                 if trainer.is_global_zero:
                     write_json(out / "results.json", {"status": "interrupted", "category": dm.category,
-                                                      "global_step": trainer.global_step, "signal": preempt.signum,
+                                                      "global_step": trainer.global_step, "signal": signum,
                                                       "resumed_from_step": start_step})  # fmt: skip
-                raise Preempted(preempt.signum, trainer.global_step)
+                raise Preempted(signum, trainer.global_step)
         if dm.val_fraction > 0:
             validation = {f"validation/{k}": v for k, v in model.evaluate(dm.validation_dataloader()).items()}
             for lg in loggers:
@@ -330,7 +327,7 @@ def main(cfg: DictConfig) -> float | None:
         log.warning("%s; rerun the same command to resume", exc)
         raise SystemExit(128 + int(exc.signum)) from None
     except Exception as exc:
-        if is_rank_zero():
+        if rank_zero_only.rank == 0:
             record_failure(cfg, exc)
         if in_multirun():  # one failed job must not stop the sweep; the summary lists it
             log.exception("job failed: %s", exc)
