@@ -1,4 +1,4 @@
-"""Callbacks: fit the gradient statistics after training, and log anomaly-map examples."""
+"""Callbacks: fit scoring statistics after training, log anomaly-map examples, checkpoint on preemption."""
 
 from __future__ import annotations
 
@@ -14,38 +14,17 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 
-from ebmad.module import EBMModule
-from ebmad.scoring import MomentAccumulator, energy_and_grad
+from ebmad.models.base import AnomalyModule
 
 log = logging.getLogger(__name__)
 
 
-def fit_gradient_stats(
-    module: EBMModule,
-    batches: Iterable[dict[str, torch.Tensor]],
-    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> MomentAccumulator:
-    """Accumulate g(x) over ``batches`` in float64, reduce across ranks, store mean/std on ``module``."""
-    shape = tuple(module.grad_mean.shape)
-    acc = MomentAccumulator(shape, device=module.device)
-    was_training = module.training
-    module.eval()
-    for batch in batches:
-        _, g = energy_and_grad(module.net, batch["image"].to(module.device))
-        acc.update(g)
-    module.train(was_training)
-    if reduce_sum is not None:
-        acc.all_reduce(reduce_sum)
-    mean, std = acc.mean_std()
-    module.set_gradient_stats(mean, std, float(acc.count))
-    return acc
+class StatisticsCallback(pl.Callback):
+    """After fit: the model's :meth:`~ebmad.models.base.AnomalyModule.fit_statistics` on the training set.
 
-
-class GradientStatsCallback(pl.Callback):
-    """After fit: per-pixel, per-channel mean/std of the training set's gradient maps.
-
-    Uses the datamodule's ``stats_dataloader`` (every training image once, no noise), sums the
-    moments across ranks and stores them as module buffers. It runs at the end of the final
+    For the EBM these are the per-pixel, per-channel mean/std of the gradient maps. Uses the
+    datamodule's ``stats_dataloader`` (every training image once, no noise); the model sums across
+    ranks and stores the result as module buffers. It runs at the end of the final
     training batch and writes ``last.ckpt`` right there, so the checkpoint written after fit carries
     the statistics and still resumes exactly (Lightning's batch-end state). If training stops
     otherwise (early stopping, ``max_time``) it runs at train end instead; never after a signal or
@@ -69,23 +48,22 @@ class GradientStatsCallback(pl.Callback):
         last_batch = batch_idx + 1 >= trainer.num_training_batches
         return bool(last_batch and max_epochs is not None and 0 <= max_epochs <= trainer.current_epoch + 1)
 
-    def _fit(self, trainer: pl.Trainer, pl_module: EBMModule) -> None:
+    def _fit(self, trainer: pl.Trainer, pl_module: AnomalyModule) -> None:
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "stats_dataloader"):
-            raise RuntimeError("GradientStatsCallback needs a datamodule with a stats_dataloader()")
+            raise RuntimeError("StatisticsCallback needs a datamodule with a stats_dataloader()")
 
         def reduce_sum(t: torch.Tensor) -> torch.Tensor:
             return trainer.strategy.reduce(t, reduce_op="sum")
 
         with torch.no_grad():
-            fit_gradient_stats(pl_module, dm.stats_dataloader(), reduce_sum)
+            stats = pl_module.fit_statistics(dm.stats_dataloader(), reduce_sum)
         self.fitted_at_step = trainer.global_step
-        if self.stats_file is not None and trainer.is_global_zero:
+        if stats and self.stats_file is not None and trainer.is_global_zero:
             self.stats_file.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"mean": pl_module.grad_mean.cpu(), "std": pl_module.grad_std.cpu(),
-                        "count": float(pl_module.stats_count), "world_size": trainer.world_size}, self.stats_file)  # fmt: skip
+            torch.save({**stats, "world_size": trainer.world_size}, self.stats_file)
 
-    def _fit_and_save(self, trainer: pl.Trainer, pl_module: EBMModule) -> None:
+    def _fit_and_save(self, trainer: pl.Trainer, pl_module: AnomalyModule) -> None:
         self._fit(trainer, pl_module)
         for cb in trainer.checkpoint_callbacks:
             if getattr(cb, "dirpath", None) and getattr(cb, "save_last", False):
@@ -97,11 +75,11 @@ class GradientStatsCallback(pl.Callback):
         if self._is_final_batch(trainer, batch_idx):
             self._fit_and_save(trainer, pl_module)
 
-    def on_test_start(self, trainer: pl.Trainer, pl_module: EBMModule) -> None:
+    def on_test_start(self, trainer: pl.Trainer, pl_module: AnomalyModule) -> None:
         if self.refit_on_test:  # e.g. a checkpoint evaluated with other training images or more ranks
             self._fit(trainer, pl_module)
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: EBMModule) -> None:
+    def on_train_end(self, trainer: pl.Trainer, pl_module: AnomalyModule) -> None:
         if (
             self.fitted_at_step == trainer.global_step
             or preemption_signal(trainer) is not None
@@ -144,7 +122,7 @@ class AnomalyMapLogger(pl.Callback):
     def __init__(self, out_dir: str) -> None:
         self.out_dir = Path(out_dir)
 
-    def on_test_end(self, trainer: pl.Trainer, pl_module: EBMModule) -> None:
+    def on_test_end(self, trainer: pl.Trainer, pl_module: AnomalyModule) -> None:
         if not trainer.is_global_zero:
             return
         panels = example_panels(pl_module.examples)

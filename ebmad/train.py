@@ -1,7 +1,8 @@
 """Hydra entry point: ``python -m ebmad.train [overrides]`` (console script ``ebmad-train``).
 
-Trains one EBM on one category's defect-free images, fits the gradient statistics, evaluates on
-the test set and writes ``results.json`` (plus ``scores.csv``) into the run's output folder.
+Trains one model (``model=ebm|draem|ssae``) on one category's defect-free images, fits its scoring
+statistics, evaluates on the test set and writes ``results.json`` (plus ``scores.csv``) into the run's
+output folder.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from ebmad.callbacks import preemption_signal
 from ebmad.data.mvtec import MVTecDataModule
 from ebmad.data.synthetic import generate_category
 from ebmad.distributed import isolated_job, patch_lightning_hydra_launcher
-from ebmad.module import EBMModule
+from ebmad.models import AnomalyModule, model_class
 from ebmad.utils import PROJECT_ROOT, device_info, git_commit, score_statistics, write_json
 
 log = logging.getLogger("ebmad")
@@ -75,7 +76,7 @@ def build_datamodule(cfg: DictConfig) -> MVTecDataModule:
     return instantiate(data_cfg)
 
 
-def build_model(cfg: DictConfig, dm: MVTecDataModule) -> EBMModule:
+def build_model(cfg: DictConfig, dm: MVTecDataModule) -> AnomalyModule:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     if model_cfg.get("in_channels") in (None, "auto"):
         model_cfg["in_channels"] = dm.num_channels
@@ -110,9 +111,29 @@ def check_config(cfg: DictConfig) -> None:
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")
 
 
-def load_for_test(cfg: DictConfig, dm: MVTecDataModule) -> EBMModule:
+def config_model_type(cfg: DictConfig) -> str:
+    """The model type the config selects (``model=...``)."""
+    target = str(cfg.model.get("_target_", ""))
+    module, _, cls = target.rpartition(".")
+    try:
+        return hydra.utils.get_class(target).MODEL_TYPE
+    except Exception as exc:
+        raise ValueError(f"model._target_={target!r} is not an ebmad model ({module}.{cls})") from exc
+
+
+def checkpoint_model_type(path: str) -> str:
+    """The model type a checkpoint was written by (checkpoints older than the key are EBMs)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return str(ckpt.get("ebmad_model_type", "ebm"))
+
+
+def load_for_test(cfg: DictConfig, dm: MVTecDataModule) -> AnomalyModule:
     """A module from a checkpoint with its own architecture; test-time options from the config."""
-    model = EBMModule.load_from_checkpoint(
+    kind, wanted = checkpoint_model_type(cfg.ckpt_path), config_model_type(cfg)
+    if kind != wanted:
+        raise ValueError(f"checkpoint {cfg.ckpt_path} was written by model type '{kind}' but the config selects "
+                         f"model={wanted}; add model={kind} to the command")  # fmt: skip
+    model = model_class(kind).load_from_checkpoint(
         cfg.ckpt_path, map_location="cpu",
         pixel_auroc_thresholds=cfg.model.get("pixel_auroc_thresholds"), n_examples=cfg.model.get("n_examples", 8),
     )  # fmt: skip
@@ -125,7 +146,7 @@ def load_for_test(cfg: DictConfig, dm: MVTecDataModule) -> EBMModule:
     return model
 
 
-def write_outputs(out: Path, cfg: DictConfig, model: EBMModule, dm: MVTecDataModule, trainer: pl.Trainer,
+def write_outputs(out: Path, cfg: DictConfig, model: AnomalyModule, dm: MVTecDataModule, trainer: pl.Trainer,
                   timings: dict[str, float], extra: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     res = model.test_results
     meta = dm.test_meta
@@ -138,10 +159,13 @@ def write_outputs(out: Path, cfg: DictConfig, model: EBMModule, dm: MVTecDataMod
             w.writerow([i, str(item.image), item.defect, item.label, *(res["scores"][k][row] for k in names)])
     results = {
         "status": "completed",
+        "model": model.MODEL_TYPE,
         "category": dm.category,
         "metrics": res["metrics"],
-        "image_auroc": res["metrics"].get("image_auroc/A_std_l2"),
-        "pixel_auroc": res["metrics"].get("pixel_auroc/a_std_l2"),
+        "image_score": model.DEFAULT_IMAGE_SCORE,
+        "pixel_map": model.DEFAULT_PIXEL_MAP,
+        "image_auroc": res["metrics"].get(f"image_auroc/{model.DEFAULT_IMAGE_SCORE}"),
+        "pixel_auroc": res["metrics"].get(f"pixel_auroc/{model.DEFAULT_PIXEL_MAP}"),
         **extra,
         "score_statistics": score_statistics(res["scores"], res["labels"]),
         "n_train": len(dm.load_train()["image"]),
@@ -280,14 +304,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if trainer.is_global_zero:
                 extra = {"validation": validation, "resumed_from_step": start_step if cfg.train else None}
                 results = write_outputs(out, cfg, model, dm, trainer, timings, extra)
-                m = results["metrics"]
-                log.info(
-                    "[%s] image AUROC %.4f (A_std_l2), %.4f (energy) | pixel AUROC %.4f (a_std_l2) | %s",
-                    dm.category, m["image_auroc/A_std_l2"], m["image_auroc/energy"], m["pixel_auroc/a_std_l2"], out,
-                )  # fmt: skip
-                print(f"RESULT category={dm.category} image_auroc={m['image_auroc/A_std_l2']:.4f} "
-                      f"image_auroc_energy={m['image_auroc/energy']:.4f} "
-                      f"pixel_auroc={m['pixel_auroc/a_std_l2']:.4f} out={out}", flush=True)  # fmt: skip
+                log.info("[%s] %s: image AUROC %.4f (%s) | pixel AUROC %.4f (%s) | %s", dm.category,
+                         model.MODEL_TYPE, results["image_auroc"], model.DEFAULT_IMAGE_SCORE,
+                         results["pixel_auroc"], model.DEFAULT_PIXEL_MAP, out)  # fmt: skip
+                energy = results["metrics"].get("image_auroc/energy")  # the EBM's second image score
+                extra_scores = f" image_auroc_energy={energy:.4f}" if energy is not None else ""
+                print(f"RESULT category={dm.category} model={model.MODEL_TYPE} image_auroc={results['image_auroc']:.4f}"
+                      f"{extra_scores} pixel_auroc={results['pixel_auroc']:.4f} out={out}", flush=True)  # fmt: skip
     finally:
         for lg in loggers:
             if isinstance(lg, pl.loggers.WandbLogger) and trainer.is_global_zero:

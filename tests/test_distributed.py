@@ -32,7 +32,7 @@ def test_ddp_two_processes_match_one_process(synth_root, tmp_path):
     two = cli(*evaluate, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
               f"hydra.run.dir={tmp_path / 'two'}")  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
-    s1, s2 = (torch.load(tmp_path / d / "gradient_stats.pt") for d in ("one", "two"))
+    s1, s2 = (torch.load(tmp_path / d / "statistics.pt") for d in ("one", "two"))
     assert s2["world_size"] == 2 and s1["world_size"] == 1
     assert s1["count"] == s2["count"] == 16  # every training image once: sums reduced, not per-rank means
     assert torch.allclose(s1["mean"], s2["mean"], rtol=1e-5, atol=1e-8)
@@ -62,7 +62,7 @@ def test_ddp_training_in_a_multirun(synth_root, tmp_path):
         res = json.loads((d / "results.json").read_text())
         assert res["status"] == "completed" and res["global_step"] == 6
         assert (d / "train_ddp_process_1.log").is_file()
-        stats = torch.load(d / "gradient_stats.pt")
+        stats = torch.load(d / "statistics.pt")
         assert stats["world_size"] == 2 and stats["count"] == 16
 
 

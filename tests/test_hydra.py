@@ -22,7 +22,7 @@ def test_every_experiment_composes(experiment):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"experiment={experiment}"])
     assert cfg.trainer.inference_mode is False
-    assert cfg.model._target_ == "ebmad.module.EBMModule"
+    assert cfg.model._target_ == "ebmad.models.ebm.EBMModule"
 
 
 def test_paper_experiment_matches_the_paper():

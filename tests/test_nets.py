@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ebmad.nets import EnergyNet, stage_widths
+from ebmad.models.ebm.network import EnergyNet, stage_widths
 
 
 def test_paper_parameter_count_and_layers_at_128():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ebmad.metrics import PixelAUROC, image_auroc
-from ebmad.scoring import MomentAccumulator, compute_scores, energy_and_grad
+from ebmad.models.ebm.scoring import MomentAccumulator, compute_scores, energy_and_grad
 
 
 def test_energy_and_grad_is_minus_dE_dx_even_under_no_grad():

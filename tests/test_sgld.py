@@ -1,7 +1,7 @@
 import torch
 
-from ebmad.nets import EnergyNet
-from ebmad.sgld import frozen, sgld_sample, uniform_init
+from ebmad.models.ebm.network import EnergyNet
+from ebmad.models.ebm.sgld import frozen, sgld_sample, uniform_init
 
 
 def test_sgld_lowers_energy_of_quadratic():

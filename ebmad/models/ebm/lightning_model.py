@@ -5,19 +5,26 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
-from torchmetrics import CatMetric
 
-from ebmad.metrics import PixelAUROC, image_auroc
-from ebmad.nets import EnergyNet
-from ebmad.scoring import IMAGE_SCORES, NORMS, PIXEL_MAPS, compute_scores, energy_and_grad, pnorm
-from ebmad.sgld import frozen, sgld_sample, uniform_init
+from ebmad.models.base import AnomalyModule, ReduceSum, check
+from ebmad.models.ebm.network import EnergyNet
+from ebmad.models.ebm.scoring import (
+    DEFAULT_IMAGE_SCORE,
+    DEFAULT_PIXEL_MAP,
+    IMAGE_SCORES,
+    PIXEL_MAPS,
+    MomentAccumulator,
+    compute_scores,
+    energy_and_grad,
+    pnorm,
+)
+from ebmad.models.ebm.sgld import frozen, sgld_sample, uniform_init
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
-class EBMModule(pl.LightningModule):
+class EBMModule(AnomalyModule):
     """An energy-based anomaly detector, p(x) proportional to exp(-E(x)).
 
     Training: loss = mean E(x+) - mean E(x-) + alpha * mean(E(x+)^2 + E(x-)^2), where x- are
@@ -25,6 +32,13 @@ class EBMModule(pl.LightningModule):
     Scoring: energy and gradient-map scores (see :mod:`ebmad.scoring`), standardized with the
     training-set statistics held in the buffers ``grad_mean`` / ``grad_std``.
     """
+
+    MODEL_TYPE = "ebm"
+    IMAGE_SCORES = IMAGE_SCORES
+    PIXEL_MAPS = PIXEL_MAPS
+    DEFAULT_IMAGE_SCORE = DEFAULT_IMAGE_SCORE
+    DEFAULT_PIXEL_MAP = DEFAULT_PIXEL_MAP
+    NEEDS_INPUT_GRAD = True
 
     def __init__(
         self,
@@ -51,18 +65,18 @@ class EBMModule(pl.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        _check(sgld_steps >= 1, f"model.sgld_steps must be >= 1, got {sgld_steps}")
-        _check(sgld_step_size > 0, f"model.sgld_step_size must be > 0, got {sgld_step_size}")
-        _check(sgld_noise >= 0, f"model.sgld_noise must be >= 0, got {sgld_noise}")
-        _check(data_noise >= 0, f"model.data_noise must be >= 0, got {data_noise}")
-        _check(alpha >= 0, f"model.alpha must be >= 0, got {alpha}")
-        _check(lr > 0, f"model.lr must be > 0, got {lr}")
-        _check(0 <= reinit_prob <= 1, f"model.reinit_prob must be in [0, 1], got {reinit_prob}")
-        _check(
+        check(sgld_steps >= 1, f"model.sgld_steps must be >= 1, got {sgld_steps}")
+        check(sgld_step_size > 0, f"model.sgld_step_size must be > 0, got {sgld_step_size}")
+        check(sgld_noise >= 0, f"model.sgld_noise must be >= 0, got {sgld_noise}")
+        check(data_noise >= 0, f"model.data_noise must be >= 0, got {data_noise}")
+        check(alpha >= 0, f"model.alpha must be >= 0, got {alpha}")
+        check(lr > 0, f"model.lr must be > 0, got {lr}")
+        check(0 <= reinit_prob <= 1, f"model.reinit_prob must be in [0, 1], got {reinit_prob}")
+        check(
             optimizer in OPTIMIZERS, f"model.optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}"
         )
-        _check(scheduler in (None, "cosine"), f"model.scheduler must be null or 'cosine', got {scheduler!r}")
-        _check(data_range[0] < data_range[1], f"model.data_range must be increasing, got {data_range}")
+        check(scheduler in (None, "cosine"), f"model.scheduler must be null or 'cosine', got {scheduler!r}")
+        check(data_range[0] < data_range[1], f"model.data_range must be increasing, got {data_range}")
         self.save_hyperparameters()
         self.net = EnergyNet(in_channels, image_size, base_width)
         shape = (in_channels, image_size, image_size)
@@ -70,9 +84,7 @@ class EBMModule(pl.LightningModule):
         self.register_buffer("grad_std", torch.ones(shape))
         self.register_buffer("stats_count", torch.zeros((), dtype=torch.float64))
         self.register_buffer("replay", torch.empty(0), persistent=False)
-        self._build_metrics()
-        self.test_results: dict[str, Any] = {}
-        self.examples: dict[str, torch.Tensor] = {}
+        self._init_base()
 
     # ------------------------------------------------------------------ energy
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,12 +102,6 @@ class EBMModule(pl.LightningModule):
         self.stats_count.fill_(count)
 
     # ---------------------------------------------------------------- training
-    def step_generator(self) -> torch.Generator:
-        """RNG for one optimisation step, a pure function of (seed, step, rank): resumes exactly."""
-        g = torch.Generator(device=self.device)
-        g.manual_seed(((self.hparams.seed * 1_000_003 + self.global_step) * 1009 + self.global_rank) % 2**63)
-        return g
-
     def negatives(self, n: int, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
         """SGLD negatives; non-persistent chains start from uniform noise every step."""
         hp = self.hparams
@@ -147,10 +153,12 @@ class EBMModule(pl.LightningModule):
         return opt
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         if self.hparams.persistent and self.replay.numel():
             checkpoint["sgld_replay"] = self.replay.cpu()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         if "sgld_replay" in checkpoint:
             self.replay = checkpoint["sgld_replay"]
 
@@ -163,100 +171,34 @@ class EBMModule(pl.LightningModule):
         """Image scores (B,) and pixel maps (B, H, W) for a batch; needs fitted statistics."""
         if not self.stats_ready:
             raise RuntimeError(
-                "gradient statistics are not fitted: train with the GradientStatsCallback, or load a "
+                "gradient statistics are not fitted: train with the StatisticsCallback, or load a "
                 "checkpoint written after fit (checkpoints/last.ckpt)"
             )
         energy, grad = energy_and_grad(self.net, x)
         return compute_scores(energy, grad, self.grad_mean, self.grad_std, self.hparams.score_eps)
 
-    def evaluate(self, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Exact image and pixel AUROC of every score over labelled batches, outside the Trainer."""
-        # every rank evaluates the whole (small) set itself: no cross-process sync
-        pixel = {k: PixelAUROC(sync_on_compute=False).to(self.device) for k in PIXEL_MAPS}
-        scores: dict[str, list[torch.Tensor]] = {k: [] for k in IMAGE_SCORES}
-        labels = []
+    def fit_statistics(self, batches: Iterable[dict[str, torch.Tensor]], reduce_sum: ReduceSum | None = None
+                       ) -> dict[str, Any]:  # fmt: skip
+        """Per-pixel, per-channel mean/std of g(x) over the training images (float64, summed over ranks)."""
+        acc = MomentAccumulator(tuple(self.grad_mean.shape), device=self.device)
+        was_training = self.training
+        self.eval()
         for batch in batches:
-            images, maps = self.score(batch["image"])
-            for k, m in maps.items():
-                pixel[k].update(m, batch["mask"])
-            for k, v in images.items():
-                scores[k].append(v)
-            labels.append(batch["label"])
-        lab = torch.cat(labels)
-        metrics = {f"image_auroc/{k}": image_auroc(torch.cat(v), lab) for k, v in scores.items()}
-        metrics.update({f"pixel_auroc/{k}": float(m.compute()) for k, m in pixel.items()})
-        return metrics
+            _, g = energy_and_grad(self.net, batch["image"].to(self.device))
+            acc.update(g)
+        self.train(was_training)
+        if reduce_sum is not None:
+            acc.all_reduce(reduce_sum)
+        mean, std = acc.mean_std()
+        self.set_gradient_stats(mean, std, float(acc.count))
+        return {"mean": self.grad_mean.cpu(), "std": self.grad_std.cpu(), "count": float(acc.count)}
 
-    def _map_scales(self) -> dict[str, float]:
+    def map_scale(self, name: str) -> float:
         """Typical magnitude of each pixel map, from the training statistics (binned AUROC only)."""
-        c = self.hparams.in_channels
+        kind, r = name.split("_")[1], int(name[-1])
+        if kind == "std":
+            return self.hparams.in_channels ** (1.0 / r)
         rms = (self.grad_mean.pow(2) + self.grad_std.pow(2)).sqrt()
-        scales = {}
-        for r in NORMS:
-            scales[f"a_raw_l{r}"] = float(pnorm(rms, r, dims=(0,)).mean()) or 1.0
-            scales[f"a_std_l{r}"] = c ** (1.0 / r)
-        return scales
-
-    def _build_metrics(self) -> None:
-        t = self.hparams.pixel_auroc_thresholds
-        self.pixel_auroc = torch.nn.ModuleDict({k: PixelAUROC(thresholds=t) for k in PIXEL_MAPS})
-        self.image_scores = torch.nn.ModuleDict({k: CatMetric() for k in (*IMAGE_SCORES, "label", "index")})
-
-    def on_test_start(self) -> None:
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError("scoring needs gradients: set trainer.inference_mode=false")
-        for m in (*self.pixel_auroc.values(), *self.image_scores.values()):
-            m.reset()
-        self.examples = {}
-        if self.hparams.pixel_auroc_thresholds is not None:
-            for k, scale in self._map_scales().items():
-                self.pixel_auroc[k].scale = scale
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        images, maps = self.score(batch["image"])
-        target = batch["mask"].long()
-        for k, m in maps.items():
-            self.pixel_auroc[k].update(m, target)
-        for k, v in images.items():
-            self.image_scores[k].update(v)
-        self.image_scores["label"].update(batch["label"].float())
-        self.image_scores["index"].update(batch["index"].float())
-        self._keep_examples(batch, maps)
-
-    def _keep_examples(self, batch: dict[str, torch.Tensor], maps: dict[str, torch.Tensor]) -> None:
-        n_have = len(self.examples.get("image", ()))
-        n = self.hparams.n_examples - n_have
-        if n <= 0:
-            return
-        # prefer defective images, which is what a reader wants to see
-        order = torch.argsort(batch["label"], descending=True, stable=True)[:n]
-        new = {"image": batch["image"][order], "mask": batch["mask"][order], "map": maps["a_std_l2"][order],
-               "index": batch["index"][order]}  # fmt: skip
-        for k, v in new.items():
-            v = v.detach().cpu()
-            self.examples[k] = torch.cat([self.examples[k], v]) if k in self.examples else v
-
-    def on_test_epoch_end(self) -> None:
-        cat = {k: m.compute().flatten() for k, m in self.image_scores.items()}
-        labels = cat.pop("label").long()
-        index = cat.pop("index").long()
-        metrics: dict[str, float] = {}
-        for k, v in cat.items():
-            metrics[f"image_auroc/{k}"] = image_auroc(v, labels)
-        for k, m in self.pixel_auroc.items():
-            metrics[f"pixel_auroc/{k}"] = float(m.compute())
-        self.log_dict(
-            {f"test/{k}": v for k, v in metrics.items()}, sync_dist=True
-        )  # equal on all ranks already
-        order = torch.argsort(index)
-        self.test_results = {
-            "metrics": metrics,
-            "scores": {k: v[order].cpu().tolist() for k, v in cat.items()},
-            "labels": labels[order].cpu().tolist(),
-            "index": index[order].cpu().tolist(),
-        }
+        return float(pnorm(rms, r, dims=(0,)).mean()) or 1.0
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)

@@ -1,0 +1,170 @@
+"""What every ebmad model gives: a pixel anomaly map and an image score per test image.
+
+A method subclasses :class:`AnomalyModule` and implements :meth:`AnomalyModule.score`, which returns
+named image scores (B,) and named pixel maps (B, H, W) for a batch of images in [-1, 1]. One of each
+is the method's headline (``DEFAULT_IMAGE_SCORE`` / ``DEFAULT_PIXEL_MAP``); the others are extras
+(the EBM's energy and raw/standardized L1/L2 maps). Testing, metrics, example maps, validation and
+per-step random numbers are shared here, so data, outputs, sweeps and the report stay model-agnostic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torchmetrics import CatMetric
+
+from ebmad.metrics import PixelAUROC, image_auroc
+
+ReduceSum = Callable[[torch.Tensor], torch.Tensor]
+Scores = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
+
+
+class AnomalyModule(pl.LightningModule):
+    """Base LightningModule of every method. Subclasses set the class attributes and ``score``.
+
+    Subclass ``__init__`` calls ``self.save_hyperparameters()`` (with ``seed``, ``image_size``,
+    ``in_channels``, ``pixel_auroc_thresholds`` and ``n_examples`` among its arguments) and then
+    :meth:`_init_base`.
+    """
+
+    MODEL_TYPE: ClassVar[str] = ""
+    IMAGE_SCORES: ClassVar[tuple[str, ...]] = ()
+    PIXEL_MAPS: ClassVar[tuple[str, ...]] = ()
+    DEFAULT_IMAGE_SCORE: ClassVar[str] = ""
+    DEFAULT_PIXEL_MAP: ClassVar[str] = ""
+    NEEDS_INPUT_GRAD: ClassVar[bool] = False  # scoring uses autograd: no torch.inference_mode
+
+    def _init_base(self) -> None:
+        assert self.DEFAULT_IMAGE_SCORE in self.IMAGE_SCORES and self.DEFAULT_PIXEL_MAP in self.PIXEL_MAPS
+        t = self.hparams.get("pixel_auroc_thresholds")
+        self.pixel_auroc = nn.ModuleDict({k: PixelAUROC(thresholds=t) for k in self.PIXEL_MAPS})
+        self.image_scores = nn.ModuleDict({k: CatMetric() for k in (*self.IMAGE_SCORES, "label", "index")})
+        # label-free decision thresholds on the default image score / pixel map (NaN: not fitted)
+        self.register_buffer("image_threshold", torch.tensor(float("nan")))
+        self.register_buffer("pixel_threshold", torch.tensor(float("nan")))
+        self.test_results: dict[str, Any] = {}
+        self.examples: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------ method API
+    def score(self, x: torch.Tensor) -> Scores:
+        """Image scores {name: (B,)} and pixel maps {name: (B, H, W)} for images (B, C, H, W) in [-1, 1]."""
+        raise NotImplementedError
+
+    def scorer(self) -> nn.Module:
+        """A plain module x -> (pixel map, image score[, extras]) for export (no Lightning inside)."""
+        raise NotImplementedError(f"{type(self).__name__} has no exportable scorer")
+
+    def fit_statistics(self, batches: Iterable[dict[str, torch.Tensor]], reduce_sum: ReduceSum | None = None
+                       ) -> dict[str, Any]:  # fmt: skip
+        """Fit whatever scoring needs from the training images after training (default: nothing).
+
+        Returns what to save beside the checkpoint (``stats_file``), or an empty dict.
+        """
+        return {}
+
+    @property
+    def stats_ready(self) -> bool:
+        """Whether :meth:`score` can run (fitted statistics present)."""
+        return True
+
+    def map_scale(self, name: str) -> float:
+        """Typical magnitude of a pixel map, used to spread scores for binned pixel AUROC."""
+        return 1.0
+
+    # -------------------------------------------------------------- shared
+    def step_generator(self) -> torch.Generator:
+        """RNG for one optimisation step, a pure function of (seed, step, rank): resumes exactly."""
+        g = torch.Generator(device=self.device)
+        g.manual_seed(((self.hparams.seed * 1_000_003 + self.global_step) * 1009 + self.global_rank) % 2**63)
+        return g
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ebmad_model_type"] = self.MODEL_TYPE
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict", {})
+        for name in ("image_threshold", "pixel_threshold"):  # checkpoints written before thresholds existed
+            state.setdefault(name, torch.tensor(float("nan")))
+
+    def evaluate(self, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Exact image and pixel AUROC of every score over labelled batches, outside the Trainer."""
+        # every rank evaluates the whole (small) set itself: no cross-process sync
+        pixel = {k: PixelAUROC(sync_on_compute=False).to(self.device) for k in self.PIXEL_MAPS}
+        scores: dict[str, list[torch.Tensor]] = {k: [] for k in self.IMAGE_SCORES}
+        labels = []
+        was_training = self.training
+        self.eval()
+        for batch in batches:
+            images, maps = self.score(batch["image"])
+            for k, m in maps.items():
+                pixel[k].update(m, batch["mask"])
+            for k, v in images.items():
+                scores[k].append(v)
+            labels.append(batch["label"])
+        self.train(was_training)
+        lab = torch.cat(labels)
+        metrics = {f"image_auroc/{k}": image_auroc(torch.cat(v), lab) for k, v in scores.items()}
+        metrics.update({f"pixel_auroc/{k}": float(m.compute()) for k, m in pixel.items()})
+        return metrics
+
+    def on_test_start(self) -> None:
+        if self.NEEDS_INPUT_GRAD and torch.is_inference_mode_enabled():
+            raise RuntimeError("scoring needs gradients: set trainer.inference_mode=false")
+        for m in (*self.pixel_auroc.values(), *self.image_scores.values()):
+            m.reset()
+        self.examples = {}
+        if self.hparams.get("pixel_auroc_thresholds") is not None:
+            for k in self.PIXEL_MAPS:
+                self.pixel_auroc[k].scale = self.map_scale(k)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        images, maps = self.score(batch["image"])
+        target = batch["mask"].long()
+        for k, m in maps.items():
+            self.pixel_auroc[k].update(m, target)
+        for k, v in images.items():
+            self.image_scores[k].update(v)
+        self.image_scores["label"].update(batch["label"].float())
+        self.image_scores["index"].update(batch["index"].float())
+        self._keep_examples(batch, maps)
+
+    def _keep_examples(self, batch: dict[str, torch.Tensor], maps: dict[str, torch.Tensor]) -> None:
+        n_have = len(self.examples.get("image", ()))
+        n = self.hparams.get("n_examples", 8) - n_have
+        if n <= 0:
+            return
+        # prefer defective images, which is what a reader wants to see
+        order = torch.argsort(batch["label"], descending=True, stable=True)[:n]
+        new = {"image": batch["image"][order], "mask": batch["mask"][order],
+               "map": maps[self.DEFAULT_PIXEL_MAP][order], "index": batch["index"][order]}  # fmt: skip
+        for k, v in new.items():
+            v = v.detach().cpu()
+            self.examples[k] = torch.cat([self.examples[k], v]) if k in self.examples else v
+
+    def on_test_epoch_end(self) -> None:
+        cat = {k: m.compute().flatten() for k, m in self.image_scores.items()}
+        labels = cat.pop("label").long()
+        index = cat.pop("index").long()
+        metrics: dict[str, float] = {}
+        for k, v in cat.items():
+            metrics[f"image_auroc/{k}"] = image_auroc(v, labels)
+        for k, m in self.pixel_auroc.items():
+            metrics[f"pixel_auroc/{k}"] = float(m.compute())
+        self.log_dict({f"test/{k}": v for k, v in metrics.items()}, sync_dist=True)  # equal on all ranks
+        order = torch.argsort(index)
+        self.test_results = {
+            "metrics": metrics,
+            "scores": {k: v[order].cpu().tolist() for k, v in cat.items()},
+            "labels": labels[order].cpu().tolist(),
+            "index": index[order].cpu().tolist(),
+        }
+
+
+def check(ok: bool, message: str) -> None:
+    """Raise ``ValueError(message)`` unless ``ok`` (configuration checks that name the setting)."""
+    if not ok:
+        raise ValueError(message)
