@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
-from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,9 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 
+from ebmad.checkpointing import atomic_torch_save
+from ebmad.data.loader import DeviceBatchLoader
+from ebmad.evaluation.thresholds import THREE_SIGMA_QUANTILE
 from ebmad.models.base import AnomalyModule
 
 log = logging.getLogger(__name__)
@@ -31,10 +34,17 @@ class StatisticsCallback(pl.Callback):
     an exception, when training is unfinished.
     """
 
-    def __init__(self, refit_on_test: bool = False, stats_file: str | None = None) -> None:
+    def __init__(self, refit_on_test: bool = False, stats_file: str | None = None, image_quantile: float = 0.99,
+                 pixel_quantile: float = THREE_SIGMA_QUANTILE) -> None:  # fmt: skip
+        for name, q in (("image_quantile", image_quantile), ("pixel_quantile", pixel_quantile)):
+            if not 0.0 < q <= 1.0:
+                raise ValueError(f"callbacks.statistics.{name} must be in (0, 1], got {q}")
         self.fitted_at_step: int | None = None
         self.refit_on_test = refit_on_test
         self.stats_file = Path(stats_file) if stats_file else None
+        self.image_quantile = image_quantile
+        self.pixel_quantile = pixel_quantile
+        self.threshold_source = ""
 
     @staticmethod
     def _is_final_batch(trainer: pl.Trainer, batch_idx: int) -> bool:
@@ -58,10 +68,14 @@ class StatisticsCallback(pl.Callback):
 
         with torch.no_grad():
             stats = pl_module.fit_statistics(dm.stats_dataloader(), reduce_sum)
+            good, self.threshold_source = good_images_for_thresholds(dm)
+            stats.update(pl_module.fit_thresholds(DeviceBatchLoader({"image": good}, dm.test_batch_size),
+                                                  self.image_quantile, self.pixel_quantile))  # fmt: skip
+        log.info("thresholds from %s: %s", self.threshold_source, stats)
         self.fitted_at_step = trainer.global_step
         if stats and self.stats_file is not None and trainer.is_global_zero:
             self.stats_file.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({**stats, "world_size": trainer.world_size}, self.stats_file)
+            atomic_torch_save({**stats, "world_size": trainer.world_size}, self.stats_file)
 
     def _fit_and_save(self, trainer: pl.Trainer, pl_module: AnomalyModule) -> None:
         self._fit(trainer, pl_module)
@@ -90,6 +104,19 @@ class StatisticsCallback(pl.Callback):
         self._fit_and_save(trainer, pl_module)
 
 
+def good_images_for_thresholds(dm: Any) -> tuple[torch.Tensor, str]:
+    """Defect-free images never trained on when ``data.val_fraction`` > 0, else the training images.
+
+    Every rank gets all of them (no sharding), so the thresholds agree across ranks.
+    """
+    train = dm.load_train()["image"]
+    val = getattr(dm, "val_data", None)
+    if val is not None:
+        good = val["image"][val["label"] == 0]
+        return good, f"{len(good)} held-out defect-free images (data.val_fraction)"
+    return train, f"the {len(train)} training images (set data.val_fraction > 0 to hold some out)"
+
+
 def _to_rgb(img: torch.Tensor) -> np.ndarray:
     arr = ((img.float().clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
     arr = arr.transpose(1, 2, 0)
@@ -103,16 +130,24 @@ def _heat(m: torch.Tensor, lo: float, hi: float) -> np.ndarray:
     return (rgb * 255).round().astype(np.uint8)
 
 
-def example_panels(examples: dict[str, torch.Tensor]) -> list[np.ndarray]:
-    """One RGB strip per example: image | ground-truth mask | standardized L2 anomaly map."""
+def example_panels(examples: dict[str, torch.Tensor], threshold: float = float("nan")) -> list[np.ndarray]:
+    """One RGB strip per example: image | ground-truth mask | anomaly map (the model's default map).
+
+    The map's colours run from 0 to twice the pixel ``threshold`` (fixed, so a good image looks calm and
+    two maps can be compared); without a fitted threshold, from 0 to the examples' 99.9th percentile.
+    """
     if not examples:
         return []
     maps = examples["map"]
-    lo, hi = float(maps.min()), float(torch.quantile(maps.flatten().float(), 0.999))
+    hi = (
+        2 * threshold
+        if math.isfinite(threshold) and threshold > 0
+        else float(torch.quantile(maps.flatten().float(), 0.999))
+    )
     panels = []
     for img, mask, m in zip(examples["image"], examples["mask"], maps, strict=True):
         gt = np.repeat((mask.numpy()[..., None] * 255).astype(np.uint8), 3, axis=2)
-        panels.append(np.concatenate([_to_rgb(img), gt, _heat(m, lo, hi)], axis=1))
+        panels.append(np.concatenate([_to_rgb(img), gt, _heat(m, 0.0, hi)], axis=1))
     return panels
 
 
@@ -125,7 +160,7 @@ class AnomalyMapLogger(pl.Callback):
     def on_test_end(self, trainer: pl.Trainer, pl_module: AnomalyModule) -> None:
         if not trainer.is_global_zero:
             return
-        panels = example_panels(pl_module.examples)
+        panels = example_panels(pl_module.examples, float(pl_module.pixel_threshold))
         if not panels:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,13 @@
-"""Turn a finished sweep folder into the paper's tables (Markdown and CSV).
+"""Turn a finished sweep folder into comparison tables (Markdown and CSV).
 
-    python -m ebmad.report logs/paper/sweeps/default [--out DIR] [--categories bottle cable ...]
+    python -m ebmad.report logs/compare/sweeps/default [--out DIR] [--categories bottle cable ...]
 
-Table 1: image AUROC per category and the average; Table 2: pixel AUROC per category and the average,
-one pair of tables per hyperparameter setting found in the sweep, with the paper's published EBM
-numbers beside ours. Jobs that failed, were interrupted, never finished or never started are listed
-with that status, never dropped.
+Per metric (image AUROC, pixel AUROC, pixel AP, AUPRO when recorded) one table with a row per category
+and a column per model, the published number of each model beside it where one exists (carried in
+``ebmad/reference/published.csv``), and the mean over completed categories. The EBM's score variants
+(energy, L1/L2 of standardized gradients) get a table of their own. One block per hyperparameter setting
+found in the sweep. Jobs that failed, were interrupted, never finished or never started are listed with
+that status, never dropped.
 """
 
 from __future__ import annotations
@@ -25,12 +27,29 @@ from ebmad.data.mvtec import MVTEC_CATEGORIES
 
 log = logging.getLogger(__name__)
 
-# Genc et al. report averages over the 15 MVTec AD categories (EBM, 128x128). Per-category values
-# are not recorded here; the column shows them as "n/a" rather than inventing them.
-PAPER_EBM = {"image_auroc": {"mean": 0.72}, "pixel_auroc": {"mean": 0.71}}
-IMAGE_COLUMNS = ("energy", "A_std_l1", "A_std_l2")
-PIXEL_COLUMNS = ("a_std_l1", "a_std_l2")
+PUBLISHED_CSV = Path(__file__).resolve().parent / "reference" / "published.csv"
+# (metric key prefix, title); a table is written when any completed job recorded the metric
+METRICS = (
+    ("image_auroc", "Table 1: image-level AUROC"),
+    ("pixel_auroc", "Table 2: pixel-level AUROC"),
+    ("pixel_ap", "Table 3: pixel-level average precision"),
+    ("aupro", "Table 4: AUPRO (FPR <= 0.3)"),
+)
+EBM_VARIANTS = {
+    "image_auroc": ("energy", "A_std_l1", "A_std_l2"),
+    "pixel_auroc": ("a_std_l1", "a_std_l2"),
+}
 CATEGORY_KEY = "data.category"
+MODEL_KEY = "model"
+
+
+def load_published(path: Path = PUBLISHED_CSV) -> dict[tuple[str, str, str], float]:
+    """Published numbers: {(model, category or "mean", metric): value}."""
+    with path.open() as fh:
+        return {(r["model"], r["category"], r["metric"]): float(r["value"]) for r in csv.DictReader(fh)}
+
+
+PUBLISHED = load_published()
 
 
 @dataclass
@@ -38,9 +57,11 @@ class Job:
     folder: Path | None
     category: str
     setting: str
-    status: str  # completed | failed | interrupted | incomplete | missing
+    status: str  # completed | failed | interrupted | incomplete | missing | diverged
     metrics: dict[str, float] = field(default_factory=dict)
     error: str = ""
+    model: str = "ebm"
+    headline: dict[str, float] = field(default_factory=dict)  # {metric: the model's headline value}
 
 
 def _split(override: str) -> tuple[str, str]:
@@ -64,7 +85,7 @@ def _job_overrides(folder: Path) -> list[str]:
 
 
 def _setting(overrides: list[str], sweep_keys: set[str] | None) -> str:
-    items = [o for o in overrides if _split(o)[0] != CATEGORY_KEY]
+    items = [o for o in overrides if _split(o)[0] not in (CATEGORY_KEY, MODEL_KEY)]
     if sweep_keys is not None:
         items = [o for o in items if _split(o)[0] in sweep_keys]
     return ",".join(sorted(items)) or "default"
@@ -98,13 +119,30 @@ def expected_categories(sweep_dir: Path) -> list[str]:
     return []
 
 
+def _model_name(override_value: str) -> str:
+    """``draem_tiny`` -> ``draem``: config variants of a method report as the method."""
+    return override_value.split("_")[0] if override_value else "ebm"
+
+
+def _headline(res: dict[str, Any]) -> dict[str, float]:
+    """The model's headline value of each metric (results.json top-level keys, else the EBM defaults)."""
+    m = res.get("metrics", {})
+    out = {
+        "image_auroc": res.get("image_auroc", m.get("image_auroc/A_std_l2")),
+        "pixel_auroc": res.get("pixel_auroc", m.get("pixel_auroc/a_std_l2")),
+    }
+    for key in ("pixel_ap", "aupro"):
+        out[key] = res.get(key, m.get(key))
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def collect_jobs(sweep_dir: str | Path, categories: list[str] | None = None) -> list[Job]:
     """Every job of a sweep folder with its status; categories without a job are added as missing."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"sweep folder {sweep_dir} does not exist")
     swept = _swept_keys(sweep_dir)
-    sweep_keys = None if swept is None else swept - {CATEGORY_KEY}
+    sweep_keys = None if swept is None else swept - {CATEGORY_KEY, MODEL_KEY}
     jobs: list[Job] = []
     for folder in sorted(p for p in sweep_dir.iterdir() if p.is_dir()):
         markers = (folder / "results.json", folder / "job.json", folder / ".hydra")
@@ -112,20 +150,21 @@ def collect_jobs(sweep_dir: str | Path, categories: list[str] | None = None) -> 
             continue
         overrides = _job_overrides(folder)
         res = json.loads((folder / "results.json").read_text()) if (folder / "results.json").is_file() else {}
-        category = res.get("category") or next(
-            (v for k, v in map(_split, overrides) if k == CATEGORY_KEY), "?"
-        )
+        values = dict(map(_split, overrides))
+        category = res.get("category") or values.get(CATEGORY_KEY, "?")
+        model = res.get("model") or _model_name(values.get(MODEL_KEY, ""))
         jobs.append(Job(folder, category, _setting(overrides, sweep_keys), res.get("status", "incomplete"),
-                        res.get("metrics", {}), res.get("error", "")))  # fmt: skip
+                        res.get("metrics", {}), res.get("error", ""), model, _headline(res)))  # fmt: skip
     wanted = categories or expected_categories(sweep_dir)
     if not wanted and any(j.category in MVTEC_CATEGORIES for j in jobs):
         wanted = list(MVTEC_CATEGORIES)
     settings = sorted({j.setting for j in jobs}) or ["default"]
     for setting in settings:
-        have = {j.category for j in jobs if j.setting == setting}
-        jobs += [Job(None, c, setting, "missing") for c in wanted if c not in have]
+        for model in sorted({j.model for j in jobs if j.setting == setting}) or ["ebm"]:
+            have = {j.category for j in jobs if j.setting == setting and j.model == model}
+            jobs += [Job(None, c, setting, "missing", model=model) for c in wanted if c not in have]
     order = {c: i for i, c in enumerate(wanted)}
-    jobs.sort(key=lambda j: (j.setting, order.get(j.category, len(order)), j.category))
+    jobs.sort(key=lambda j: (j.setting, order.get(j.category, len(order)), j.category, j.model))
     return jobs
 
 
@@ -133,23 +172,78 @@ def _fmt(v: float | None) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
-def _mean(values: list[float]) -> float | None:
+def _mean(values: list[float | None]) -> float | None:
     vals = [v for v in values if v is not None and not math.isnan(v)]
     return sum(vals) / len(vals) if vals else None
 
 
-def _table(jobs: list[Job], kind: str, columns: tuple[str, ...], title: str) -> list[str]:
-    paper = PAPER_EBM[kind]
+def _models(jobs: list[Job]) -> list[str]:
+    order = ("ebm", "draem", "ssae")
+    found = {j.model for j in jobs}
+    return [m for m in order if m in found] + sorted(found - set(order))
+
+
+def _status(jobs: list[Job]) -> str:
+    parts = []
+    for j in jobs:
+        text = j.status if not j.error else f"{j.status}: {j.error[:80]}"
+        parts.append(text if len(jobs) == 1 else f"{j.model} {text}")
+    return "; ".join(parts)
+
+
+def _categories(jobs: list[Job]) -> list[str]:
+    return list(dict.fromkeys(j.category for j in jobs))
+
+
+def _delta(ours: float | None, paper: float | None) -> str:
+    return "n/a" if ours is None or paper is None or math.isnan(ours) else f"{ours - paper:+.3f}"
+
+
+def _metric_table(jobs: list[Job], metric: str, title: str) -> list[str]:
+    """Rows: categories; per model its headline value, the published value and the difference."""
+    models = _models(jobs)
+    has_paper = {m: any(k[0] == m and k[2] == metric for k in PUBLISHED) for m in models}
+    head = ["category"]
+    for m in models:
+        head += [m] + ([f"paper {m}", "Δ"] if has_paper[m] else [])
+    head.append("status")
+    lines = [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for cat in _categories(jobs):
+        cells = [cat]
+        row = [j for j in jobs if j.category == cat]
+        for m in models:
+            job = next((j for j in row if j.model == m), None)
+            ours = job.headline.get(metric) if job and job.status == "completed" else None
+            cells.append(_fmt(ours) if job and job.status == "completed" else "—")
+            if has_paper[m]:
+                paper = PUBLISHED.get((m, cat, metric))
+                cells += [_fmt(paper), _delta(ours, paper)]
+        lines.append("| " + " | ".join([*cells, _status(row)]) + " |")
+    cells = []
+    for m in models:
+        sel = [j for j in jobs if j.model == m]
+        done = [j for j in sel if j.status == "completed"]
+        mean = _mean([j.headline.get(metric) for j in done])
+        cells.append(f"{_fmt(mean)} ({len(done)}/{len(sel)})")
+        if has_paper[m]:
+            paper = PUBLISHED.get((m, "mean", metric))
+            cells += [_fmt(paper), _delta(mean, paper)]
+    lines.append("| " + " | ".join(["**mean** (completed/all)", *cells, ""]) + " |")
+    return lines
+
+
+def _variant_table(jobs: list[Job], kind: str, columns: tuple[str, ...], title: str) -> list[str]:
+    """The EBM's score variants side by side (one column per score)."""
     head = ["category", *(f"ours {c}" for c in columns), "paper EBM", "status"]
     lines = [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     done = [j for j in jobs if j.status == "completed"]
     for j in jobs:
         cells = [_fmt(j.metrics.get(f"{kind}/{c}")) if j.status == "completed" else "—" for c in columns]
-        status = j.status if not j.error else f"{j.status}: {j.error[:80]}"
-        lines.append("| " + " | ".join([j.category, *cells, _fmt(paper.get(j.category)), status]) + " |")
+        lines.append("| " + " | ".join([j.category, *cells, _fmt(PUBLISHED.get(("ebm", j.category, kind))),
+                                        _status([j])]) + " |")  # fmt: skip
     means = [_fmt(_mean([j.metrics.get(f"{kind}/{c}") for j in done])) for c in columns]
     lines.append("| " + " | ".join([f"**mean** ({len(done)} of {len(jobs)} completed)", *means,
-                                    _fmt(paper.get("mean")), ""]) + " |")  # fmt: skip
+                                    _fmt(PUBLISHED.get(("ebm", "mean", kind))), ""]) + " |")  # fmt: skip
     return lines
 
 
@@ -162,37 +256,43 @@ def render_markdown(jobs: list[Job], sweep_dir: Path) -> str:
     for setting in sorted({j.setting for j in jobs}):
         sel = [j for j in jobs if j.setting == setting]
         out += [f"## Setting: `{setting}`", ""]
-        out += _table(sel, "image_auroc", IMAGE_COLUMNS, "Table 1: image-level AUROC") + [""]
-        out += _table(sel, "pixel_auroc", PIXEL_COLUMNS, "Table 2: pixel-level AUROC") + [""]
-    out.append("Paper EBM column: Genc et al. publish averages over the 15 MVTec AD categories "
-               "(image 0.72, pixel 0.71); per-category values are shown as n/a.")  # fmt: skip
+        for metric, title in METRICS:
+            if metric in ("image_auroc", "pixel_auroc") or any(metric in j.headline for j in sel):
+                out += _metric_table(sel, metric, title) + [""]
+        ebm = [j for j in sel if j.model == "ebm"]
+        if ebm:
+            out += _variant_table(
+                ebm, "image_auroc", EBM_VARIANTS["image_auroc"], "EBM image-score variants"
+            ) + [""]
+            out += _variant_table(
+                ebm, "pixel_auroc", EBM_VARIANTS["pixel_auroc"], "EBM pixel-map variants"
+            ) + [""]
+    out.append("Published numbers: EBM per-category pixel AUROC from Genc et al. Table 2 (image AUROC only as a "
+               "15-category mean); DRAEM from Zavrtanik et al. Table 2; SSAE journal means. Sources in "
+               "`ebmad/reference/published.csv`. Δ = ours - published.")  # fmt: skip
     return "\n".join(out) + "\n"
 
 
 def write_csv(jobs: list[Job], path: Path) -> None:
-    keys = sorted({k for j in jobs for k in j.metrics})
+    keys = sorted({k for j in jobs for k in j.metrics if isinstance(j.metrics[k], int | float)})
+    heads = [m for m, _ in METRICS]
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(
-            [
-                "setting",
-                "category",
-                "status",
-                *keys,
-                "paper_image_auroc",
-                "paper_pixel_auroc",
-                "folder",
-                "error",
-            ]
-        )
+        w.writerow(["setting", "model", "category", "status", *heads, *keys, *(f"paper_{m}" for m in heads),
+                    "folder", "error"])  # fmt: skip
         for j in jobs:
-            w.writerow([j.setting, j.category, j.status, *(j.metrics.get(k, "") for k in keys),
-                        PAPER_EBM["image_auroc"].get(j.category, ""), PAPER_EBM["pixel_auroc"].get(j.category, ""),
-                        j.folder or "", j.error])  # fmt: skip
+            w.writerow([j.setting, j.model, j.category, j.status, *(j.headline.get(m, "") for m in heads),
+                        *(j.metrics.get(k, "") for k in keys), *(PUBLISHED.get((j.model, j.category, m), "")
+                        for m in heads), j.folder or "", j.error])  # fmt: skip
         for setting in sorted({j.setting for j in jobs}):
-            done = [j for j in jobs if j.setting == setting and j.status == "completed"]
-            w.writerow([setting, "mean", f"{len(done)} completed", *(_fmt(_mean([j.metrics.get(k) for j in done]))
-                        for k in keys), PAPER_EBM["image_auroc"]["mean"], PAPER_EBM["pixel_auroc"]["mean"], "", ""])  # fmt: skip
+            for model in _models([j for j in jobs if j.setting == setting]):
+                done = [
+                    j for j in jobs if j.setting == setting and j.model == model and j.status == "completed"
+                ]
+                w.writerow([setting, model, "mean", f"{len(done)} completed",
+                            *(_fmt(_mean([j.headline.get(m) for j in done])) for m in heads),
+                            *(_fmt(_mean([j.metrics.get(k) for j in done])) for k in keys),
+                            *(PUBLISHED.get((model, "mean", m), "") for m in heads), "", ""])  # fmt: skip
 
 
 def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None,

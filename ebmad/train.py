@@ -27,10 +27,14 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
 from ebmad.callbacks import preemption_signal
+from ebmad.checkpointing import AtomicCheckpointIO, pick_resume_checkpoint, validate_checkpoint
 from ebmad.data.mvtec import MVTecDataModule
 from ebmad.data.synthetic import generate_category
 from ebmad.distributed import isolated_job, patch_lightning_hydra_launcher
+from ebmad.evaluation.protocol import run_figures, test_set_metrics
+from ebmad.guards import TrainingDiverged
 from ebmad.models import AnomalyModule, model_class
+from ebmad.untrained import untrained_reference
 from ebmad.utils import PROJECT_ROOT, device_info, git_commit, score_statistics, write_json
 
 log = logging.getLogger("ebmad")
@@ -107,8 +111,11 @@ def check_config(cfg: DictConfig) -> None:
         )
     if not cfg.train and cfg.test and not cfg.get("ckpt_path"):
         raise ValueError("train=false test=true needs ckpt_path=<path to a checkpoint written after fit>")
-    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")
+    if cfg.get("ckpt_path"):
+        if not Path(cfg.ckpt_path).is_file():
+            raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")
+        validate_checkpoint(cfg.ckpt_path, config_model_type(cfg), image_size=cfg.data.image_size,
+                            in_channels=cfg.data.get("channels"))  # fmt: skip
 
 
 def config_model_type(cfg: DictConfig) -> str:
@@ -121,18 +128,10 @@ def config_model_type(cfg: DictConfig) -> str:
         raise ValueError(f"model._target_={target!r} is not an ebmad model ({module}.{cls})") from exc
 
 
-def checkpoint_model_type(path: str) -> str:
-    """The model type a checkpoint was written by (checkpoints older than the key are EBMs)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    return str(ckpt.get("ebmad_model_type", "ebm"))
-
-
 def load_for_test(cfg: DictConfig, dm: MVTecDataModule) -> AnomalyModule:
     """A module from a checkpoint with its own architecture; test-time options from the config."""
-    kind, wanted = checkpoint_model_type(cfg.ckpt_path), config_model_type(cfg)
-    if kind != wanted:
-        raise ValueError(f"checkpoint {cfg.ckpt_path} was written by model type '{kind}' but the config selects "
-                         f"model={wanted}; add model={kind} to the command")  # fmt: skip
+    kind = config_model_type(cfg)
+    validate_checkpoint(cfg.ckpt_path, kind, dm.image_size, dm.num_channels)
     model = model_class(kind).load_from_checkpoint(
         cfg.ckpt_path, map_location="cpu",
         pixel_auroc_thresholds=cfg.model.get("pixel_auroc_thresholds"), n_examples=cfg.model.get("n_examples", 8),
@@ -164,8 +163,14 @@ def write_outputs(out: Path, cfg: DictConfig, model: AnomalyModule, dm: MVTecDat
         "metrics": res["metrics"],
         "image_score": model.DEFAULT_IMAGE_SCORE,
         "pixel_map": model.DEFAULT_PIXEL_MAP,
-        "image_auroc": res["metrics"].get(f"image_auroc/{model.DEFAULT_IMAGE_SCORE}"),
-        "pixel_auroc": res["metrics"].get(f"pixel_auroc/{model.DEFAULT_PIXEL_MAP}"),
+        "image_auroc": res["metrics"].get(
+            "image_auroc", res["metrics"].get(f"image_auroc/{model.DEFAULT_IMAGE_SCORE}")
+        ),
+        "pixel_auroc": res["metrics"].get(
+            "pixel_auroc", res["metrics"].get(f"pixel_auroc/{model.DEFAULT_PIXEL_MAP}")
+        ),
+        "pixel_ap": res["metrics"].get("pixel_ap"),
+        "aupro": res["metrics"].get("aupro"),
         **extra,
         "score_statistics": score_statistics(res["scores"], res["labels"]),
         "n_train": len(dm.load_train()["image"]),
@@ -173,7 +178,7 @@ def write_outputs(out: Path, cfg: DictConfig, model: AnomalyModule, dm: MVTecDat
         "global_step": trainer.global_step,
         "checkpoint": str(out / "checkpoints" / "last.ckpt"),
         "timings_s": timings,
-        "device": device_info(model.device),
+        "device": device_info(trainer.strategy.root_device),
         "git": git_commit(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
@@ -229,11 +234,14 @@ def prepare_job(cfg: DictConfig, out: Path) -> tuple[dict[str, Any] | None, str 
         results_file = out / "results.json"
         if results_file.is_file():
             results = json.loads(results_file.read_text())
-            if results.get("status") == "completed" and (cfg.test or not cfg.train):
+            # a diverged job would diverge again (same seed): skipped like a completed one
+            if results.get("status") in ("completed", "diverged") and (cfg.test or not cfg.train):
                 return results, None
-        ckpt = out / "checkpoints" / "last.ckpt"
-        if cfg.train and not cfg.get("ckpt_path") and ckpt.is_file():
-            return None, str(ckpt)
+        if cfg.train and not cfg.get("ckpt_path"):
+            ckpt = pick_resume_checkpoint(out / "checkpoints", config_model_type(cfg), cfg.data.image_size,
+                                          cfg.data.get("channels"))  # fmt: skip
+            if ckpt is not None:
+                return None, str(ckpt)
     if rank_zero_only.rank == 0:
         write_json(job_file, {"identity": identity, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return None, None
@@ -263,11 +271,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if resume_ckpt:
         log.info("resuming from %s", resume_ckpt)
     ckpt_path = cfg.get("ckpt_path") or resume_ckpt
-    pl.seed_everything(cfg.seed, workers=True)
     dm = build_datamodule(cfg)
+    pl.seed_everything(
+        cfg.seed, workers=True
+    )  # right before the model: its initial weights depend on the seed only
     model = build_model(cfg, dm) if cfg.train else load_for_test(cfg, dm)
     loggers = build_loggers(cfg, out)
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers or False)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers or False,
+                                      plugins=[AtomicCheckpointIO()])  # fmt: skip
     for lg in loggers:
         lg.log_hyperparams({"cfg": OmegaConf.to_container(cfg, resolve=True), "category": dm.category,
                             "overrides": job_overrides()})  # fmt: skip
@@ -283,7 +294,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 if ckpt_path
                 else 0
             )
-            trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+            try:
+                trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+            except TrainingDiverged as exc:
+                if trainer.is_global_zero:
+                    write_json(out / "results.json", {"status": "diverged", "model": model.MODEL_TYPE,
+                                                      "category": dm.category, "error": str(exc),
+                                                      "global_step": trainer.global_step,
+                                                      "resumed_from_step": start_step})  # fmt: skip
+                raise
             timings["fit"] = time.perf_counter() - t0
             signum = preemption_signal(trainer)
             if signum is not None:
@@ -303,6 +322,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             timings["test"] = time.perf_counter() - t0
             if trainer.is_global_zero:
                 extra = {"validation": validation, "resumed_from_step": start_step if cfg.train else None}
+                extra.update(evaluate_test_set(cfg, model, dm, trainer, loggers, out, timings))
                 results = write_outputs(out, cfg, model, dm, trainer, timings, extra)
                 log.info("[%s] %s: image AUROC %.4f (%s) | pixel AUROC %.4f (%s) | %s", dm.category,
                          model.MODEL_TYPE, results["image_auroc"], model.DEFAULT_IMAGE_SCORE,
@@ -318,6 +338,47 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     lg.experiment.summary.update({f"test/{k}": v for k, v in results["metrics"].items()})
                 lg.experiment.finish()
     return results
+
+
+def evaluate_test_set(cfg: DictConfig, model: AnomalyModule, dm: MVTecDataModule, trainer: pl.Trainer,
+                      loggers: list[Any], out: Path, timings: dict[str, float]) -> dict[str, Any]:  # fmt: skip
+    """After ``trainer.test`` (rank 0): every metric, the untrained reference and the figures."""
+    t0 = time.perf_counter()
+    res = model.test_results
+    resolution = OmegaConf.select(cfg, "eval.resolution", default="model")
+    thresholds = {"image": float(model.image_threshold), "pixel": float(model.pixel_threshold)}
+    full = test_set_metrics(res, dm.test_meta, model.DEFAULT_IMAGE_SCORE, resolution, thresholds["image"],
+                            thresholds["pixel"], OmegaConf.select(cfg, "eval.aupro_bins"))  # fmt: skip
+    res["metrics"].update(full)
+    extra: dict[str, Any] = {"eval_resolution": resolution, "thresholds": thresholds}
+    for lg in loggers:
+        lg.log_metrics({f"test/{k}": v for k, v in full.items()}, step=trainer.global_step)
+    timings["metrics"] = time.perf_counter() - t0
+    if use_untrained_reference(cfg, model):
+        t0 = time.perf_counter()
+        ref = untrained_reference(model, dm.load_train(), dm.load_test(), dm.test_batch_size,
+                                  trainer.strategy.root_device)  # fmt: skip
+        timings["untrained_reference"] = time.perf_counter() - t0
+        extra["reference"] = {"untrained": ref}
+        for lg in loggers:
+            lg.log_metrics({f"reference/untrained/{k}": v for k, v in ref.items()}, step=trainer.global_step)
+    if OmegaConf.select(cfg, "eval.figures", default=True):
+        t0 = time.perf_counter()
+        model.to(trainer.strategy.root_device)
+        paths = run_figures(out / "figures", model, res, f"{model.MODEL_TYPE} {dm.category}")
+        timings["figures"] = time.perf_counter() - t0
+        for lg in loggers:
+            if isinstance(lg, pl.loggers.WandbLogger):
+                lg.log_image("test/figures", images=[str(p) for p in paths], caption=[p.stem for p in paths])
+    return extra
+
+
+def use_untrained_reference(cfg: DictConfig, model: AnomalyModule) -> bool:
+    """``eval.untrained_reference``: true, false or auto (= EBM runs)."""
+    setting = OmegaConf.select(cfg, "eval.untrained_reference", default="auto")
+    if setting == "auto":
+        return model.MODEL_TYPE == "ebm"
+    return bool(setting)
 
 
 def job_overrides() -> list[str]:
@@ -349,6 +410,11 @@ def main(cfg: DictConfig) -> float | None:
     except Preempted as exc:
         log.warning("%s; rerun the same command to resume", exc)
         raise SystemExit(128 + int(exc.signum)) from None
+    except TrainingDiverged as exc:  # results.json says diverged (written where it happened)
+        log.error("%s", exc)
+        if in_multirun():
+            return None
+        raise SystemExit(1) from None
     except Exception as exc:
         if rank_zero_only.rank == 0:
             record_failure(cfg, exc)

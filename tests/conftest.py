@@ -63,8 +63,9 @@ def make_cfg(tmp_path, synth_root):
     """make_cfg(*extra_overrides, category=..., out=...) -> composed, shrunk config."""
 
     def _make(*extra: str, category: str = "tex_a", out: Path | None = None) -> DictConfig:
-        return compose_cfg(
-            out or tmp_path / "run", [*tiny_overrides(synth_root, category), "logger=none", *extra]
-        )
+        base = tiny_overrides(synth_root, category)
+        if any(e.startswith("model=") and e != "model=ebm" for e in extra):  # EBM-only keys
+            base = [o for o in base if not o.startswith("model.")]
+        return compose_cfg(out or tmp_path / "run", [*base, "logger=none", *extra])
 
     return _make

@@ -2,11 +2,15 @@
 
 <root>/<category>/train/good/*.png
 <root>/<category>/test/<defect>/*.png          (defect "good" = defect free)
-<root>/<category>/ground_truth/<defect>/<stem>_mask.png
+<root>/<category>/ground_truth/<defect>/<stem>_mask.png   (also <stem>_mask.<ext> or <stem>.<ext>)
+
+Hidden files and folders (``.DS_Store``, ``._x.png``, ``.ipynb_checkpoints``, ``Thumbs.db``) are
+ignored. Which images are accepted and how they are converted: :mod:`ebmad.data.io`.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +18,10 @@ import pytorch_lightning as pl
 import torch
 
 from ebmad.data.corruption import plant_defects
-from ebmad.data.io import DatasetError, image_channels, list_images, load_image, load_mask
+from ebmad.data.io import DatasetError, image_channels, is_hidden, list_images, load_image, load_mask
 from ebmad.data.loader import DeviceBatchLoader
+
+log = logging.getLogger(__name__)
 
 MVTEC_CATEGORIES = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
@@ -41,7 +47,7 @@ def category_dir(root: str | Path, category: str) -> Path:
         raise DatasetError(f"dataset root {root} (data.root) does not exist or is not a folder")
     cdir = root / category
     if not cdir.is_dir():
-        found = sorted(p.name for p in root.iterdir() if p.is_dir())
+        found = sorted(p.name for p in root.iterdir() if p.is_dir() and not is_hidden(p))
         raise DatasetError(
             f"category '{category}' (data.category) not found under {root}; folders there: {found or 'none'}"
         )
@@ -58,22 +64,56 @@ def train_files(cdir: Path) -> list[Path]:
     return files
 
 
+def mask_index(gt_dir: Path) -> dict[str, Path]:
+    """Mask files of a ground-truth folder by stem, a ``.png`` preferred when several share a stem."""
+    files = sorted(list_images(gt_dir), key=lambda p: (p.suffix.lower() != ".png", p.name))
+    index: dict[str, Path] = {}
+    for p in files:
+        index.setdefault(p.stem, p)
+    return index
+
+
 def test_items(cdir: Path) -> list[TestItem]:
+    """Test images with their masks: ``<stem>_mask.<ext>`` (MVTec) or else ``<stem>.<ext>`` in ground_truth."""
     folder = cdir / "test"
     if not folder.is_dir():
         raise DatasetError(f"test folder {folder} does not exist")
     items: list[TestItem] = []
-    for ddir in sorted(p for p in folder.iterdir() if p.is_dir()):
-        for img in list_images(ddir):
-            mask = None
-            if ddir.name != "good":
-                mask = cdir / "ground_truth" / ddir.name / f"{img.stem}_mask.png"
-                if not mask.is_file():
-                    raise DatasetError(f"defective test image {img} has no mask; expected {mask}")
+    for ddir in sorted(p for p in folder.iterdir() if p.is_dir() and not is_hidden(p)):
+        images = list_images(ddir)
+        if ddir.name == "good":
+            items += [TestItem(img, None, "good") for img in images]
+            continue
+        gt_dir = cdir / "ground_truth" / ddir.name
+        if images and not gt_dir.is_dir():
+            raise DatasetError(
+                f"ground-truth folder {gt_dir} does not exist, but {ddir} holds defective test images: "
+                f"defective test image {images[0]} has no mask; expected {gt_dir / f'{images[0].stem}_mask.png'}"
+            )
+        masks = mask_index(gt_dir) if images else {}
+        for img in images:
+            mask = masks.get(f"{img.stem}_mask") or masks.get(img.stem)
+            if mask is None:
+                raise DatasetError(
+                    f"defective test image {img} has no mask; expected {gt_dir / f'{img.stem}_mask.png'}"
+                )
             items.append(TestItem(img, mask, ddir.name))
     if not items:
         raise DatasetError(f"test folder {folder} contains no images")
     return items
+
+
+def category_channels(files: list[Path]) -> int:
+    """3 if any of the images is in colour, else 1 (reads headers only); logs a warning when they mix."""
+    channels = [image_channels(f) for f in files]
+    n_colour = sum(c == 3 for c in channels)
+    if 0 < n_colour < len(channels):
+        folder = files[0].parent
+        log.warning(
+            "%s mixes %d grayscale and %d colour images: using 3 channels (grayscale images replicated)",
+            folder, len(channels) - n_colour, n_colour,
+        )  # fmt: skip
+    return 3 if n_colour else 1
 
 
 class MVTecDataModule(pl.LightningDataModule):
@@ -120,9 +160,9 @@ class MVTecDataModule(pl.LightningDataModule):
 
     @property
     def num_channels(self) -> int:
-        """1 for grayscale categories (decided from the first training image), else 3."""
+        """1 for grayscale categories (every training image grayscale), else 3."""
         if self._channels is None:
-            self._channels = image_channels(train_files(self.category_dir)[0])
+            self._channels = category_channels(train_files(self.category_dir))
         return self._channels
 
     def _device(self) -> torch.device:

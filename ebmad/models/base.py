@@ -17,6 +17,10 @@ import torch
 from torch import nn
 from torchmetrics import CatMetric
 
+from ebmad.evaluation.aupro import aupro
+from ebmad.evaluation.metrics import average_precision
+from ebmad.evaluation.thresholds import THREE_SIGMA_QUANTILE, quantile_threshold
+from ebmad.guards import check_finite_scores
 from ebmad.metrics import PixelAUROC, image_auroc
 
 ReduceSum = Callable[[torch.Tensor], torch.Tensor]
@@ -37,12 +41,16 @@ class AnomalyModule(pl.LightningModule):
     DEFAULT_IMAGE_SCORE: ClassVar[str] = ""
     DEFAULT_PIXEL_MAP: ClassVar[str] = ""
     NEEDS_INPUT_GRAD: ClassVar[bool] = False  # scoring uses autograd: no torch.inference_mode
+    DIVERGENCE_HINT: ClassVar[str] = "lower model.lr"  # appended to the error when training diverges
 
     def _init_base(self) -> None:
         assert self.DEFAULT_IMAGE_SCORE in self.IMAGE_SCORES and self.DEFAULT_PIXEL_MAP in self.PIXEL_MAPS
         t = self.hparams.get("pixel_auroc_thresholds")
         self.pixel_auroc = nn.ModuleDict({k: PixelAUROC(thresholds=t) for k in self.PIXEL_MAPS})
         self.image_scores = nn.ModuleDict({k: CatMetric() for k in (*self.IMAGE_SCORES, "label", "index")})
+        self.test_maps = nn.ModuleDict(
+            {k: CatMetric() for k in ("map", "mask")}
+        )  # the default map, for AUPRO & co
         # label-free decision thresholds on the default image score / pixel map (NaN: not fitted)
         self.register_buffer("image_threshold", torch.tensor(float("nan")))
         self.register_buffer("pixel_threshold", torch.tensor(float("nan")))
@@ -65,6 +73,34 @@ class AnomalyModule(pl.LightningModule):
         Returns what to save beside the checkpoint (``stats_file``), or an empty dict.
         """
         return {}
+
+    def fit_thresholds(self, batches: Iterable[dict[str, torch.Tensor]], image_quantile: float = 0.99,
+                       pixel_quantile: float = THREE_SIGMA_QUANTILE) -> dict[str, float]:  # fmt: skip
+        """Label-free decision thresholds from defect-free images only, stored as buffers.
+
+        Image threshold: the ``image_quantile`` of their default image scores; pixel threshold:
+        :meth:`pixel_threshold_rule` of their default maps (by default the ``pixel_quantile`` of all pixels).
+        """
+        scores, maps = [], []
+        was_training = self.training
+        self.eval()
+        for batch in batches:
+            images, pixel_maps = self.score(batch["image"].to(self.device))
+            scores.append(images[self.DEFAULT_IMAGE_SCORE].detach().cpu())
+            maps.append(pixel_maps[self.DEFAULT_PIXEL_MAP].detach().cpu())
+        self.train(was_training)
+        if not scores:
+            raise ValueError("no defect-free images to fit the thresholds on")
+        self.image_threshold.fill_(quantile_threshold(torch.cat(scores), image_quantile))
+        self.pixel_threshold.fill_(self.pixel_threshold_rule(torch.cat(maps), pixel_quantile))
+        return {
+            "image_threshold": float(self.image_threshold),
+            "pixel_threshold": float(self.pixel_threshold),
+        }
+
+    def pixel_threshold_rule(self, good_maps: torch.Tensor, quantile: float) -> float:
+        """The pixel threshold from default maps of defect-free images (default: their ``quantile``)."""
+        return quantile_threshold(good_maps, quantile)
 
     @property
     def stats_ready(self) -> bool:
@@ -95,26 +131,33 @@ class AnomalyModule(pl.LightningModule):
         # every rank evaluates the whole (small) set itself: no cross-process sync
         pixel = {k: PixelAUROC(sync_on_compute=False).to(self.device) for k in self.PIXEL_MAPS}
         scores: dict[str, list[torch.Tensor]] = {k: [] for k in self.IMAGE_SCORES}
-        labels = []
+        labels, default_maps, masks = [], [], []
         was_training = self.training
         self.eval()
-        for batch in batches:
+        for i, batch in enumerate(batches):
             images, maps = self.score(batch["image"])
+            check_finite_scores({**images, **maps}, f"evaluation batch {i}")
             for k, m in maps.items():
                 pixel[k].update(m, batch["mask"])
             for k, v in images.items():
                 scores[k].append(v)
             labels.append(batch["label"])
+            default_maps.append(maps[self.DEFAULT_PIXEL_MAP].detach().cpu())
+            masks.append(batch["mask"].detach().cpu())
         self.train(was_training)
         lab = torch.cat(labels)
         metrics = {f"image_auroc/{k}": image_auroc(torch.cat(v), lab) for k, v in scores.items()}
         metrics.update({f"pixel_auroc/{k}": float(m.compute()) for k, m in pixel.items()})
+        all_maps, all_masks = torch.cat(default_maps), torch.cat(masks)
+        if all_masks.any():
+            metrics["aupro"] = aupro(all_maps, all_masks)
+            metrics["pixel_ap"] = average_precision(all_maps, all_masks)
         return metrics
 
     def on_test_start(self) -> None:
         if self.NEEDS_INPUT_GRAD and torch.is_inference_mode_enabled():
             raise RuntimeError("scoring needs gradients: set trainer.inference_mode=false")
-        for m in (*self.pixel_auroc.values(), *self.image_scores.values()):
+        for m in (*self.pixel_auroc.values(), *self.image_scores.values(), *self.test_maps.values()):
             m.reset()
         self.examples = {}
         if self.hparams.get("pixel_auroc_thresholds") is not None:
@@ -123,6 +166,7 @@ class AnomalyModule(pl.LightningModule):
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         images, maps = self.score(batch["image"])
+        check_finite_scores({**images, **maps}, f"test batch {batch_idx}")
         target = batch["mask"].long()
         for k, m in maps.items():
             self.pixel_auroc[k].update(m, target)
@@ -130,6 +174,8 @@ class AnomalyModule(pl.LightningModule):
             self.image_scores[k].update(v)
         self.image_scores["label"].update(batch["label"].float())
         self.image_scores["index"].update(batch["index"].float())
+        self.test_maps["map"].update(maps[self.DEFAULT_PIXEL_MAP].detach().float())
+        self.test_maps["mask"].update(batch["mask"].float())
         self._keep_examples(batch, maps)
 
     def _keep_examples(self, batch: dict[str, torch.Tensor], maps: dict[str, torch.Tensor]) -> None:
@@ -161,6 +207,8 @@ class AnomalyModule(pl.LightningModule):
             "scores": {k: v[order].cpu().tolist() for k, v in cat.items()},
             "labels": labels[order].cpu().tolist(),
             "index": index[order].cpu().tolist(),
+            "maps": self.test_maps["map"].compute()[order].cpu(),  # (N, H, W), the default pixel map
+            "masks": self.test_maps["mask"].compute()[order].cpu().bool(),
         }
 
 

@@ -6,8 +6,12 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from torch import nn
 
+from ebmad.evaluation.thresholds import three_sigma_threshold
+from ebmad.guards import DEFAULT_HINT, report_values
 from ebmad.models.base import AnomalyModule, ReduceSum, check
+from ebmad.models.ebm.export import EBMScorer
 from ebmad.models.ebm.network import EnergyNet
 from ebmad.models.ebm.scoring import (
     DEFAULT_IMAGE_SCORE,
@@ -39,6 +43,7 @@ class EBMModule(AnomalyModule):
     DEFAULT_IMAGE_SCORE = DEFAULT_IMAGE_SCORE
     DEFAULT_PIXEL_MAP = DEFAULT_PIXEL_MAP
     NEEDS_INPUT_GRAD = True
+    DIVERGENCE_HINT = DEFAULT_HINT
 
     def __init__(
         self,
@@ -130,6 +135,7 @@ class EBMModule(AnomalyModule):
             x_pos = x_pos + hp.data_noise * noise
         x_neg = self.negatives(len(x_pos), tuple(x_pos.shape[1:]), gen)
         e_pos, e_neg = self.net(x_pos), self.net(x_neg)
+        report_values(self, sgld_samples=x_neg, energy_pos=e_pos, energy_neg=e_neg)
         cd = e_pos.mean() - e_neg.mean()
         loss = cd + hp.alpha * (e_pos.pow(2) + e_neg.pow(2)).mean() if hp.alpha > 0 else cd
         self.log_dict(
@@ -177,6 +183,10 @@ class EBMModule(AnomalyModule):
         energy, grad = energy_and_grad(self.net, x)
         return compute_scores(energy, grad, self.grad_mean, self.grad_std, self.hparams.score_eps)
 
+    def scorer(self) -> nn.Module:
+        """x -> (a_std_l2 map, A_std_l2 score, energy), input gradient written out (ONNX-exportable)."""
+        return EBMScorer(self.net, self.grad_mean, self.grad_std, self.hparams.score_eps)
+
     def fit_statistics(self, batches: Iterable[dict[str, torch.Tensor]], reduce_sum: ReduceSum | None = None
                        ) -> dict[str, Any]:  # fmt: skip
         """Per-pixel, per-channel mean/std of g(x) over the training images (float64, summed over ranks)."""
@@ -193,6 +203,10 @@ class EBMModule(AnomalyModule):
         self.set_gradient_stats(mean, std, float(acc.count))
         return {"mean": self.grad_mean.cpu(), "std": self.grad_std.cpu(), "count": float(acc.count)}
 
+    def pixel_threshold_rule(self, good_maps: torch.Tensor, quantile: float) -> float:
+        """The paper's three-sigma rule (Fig. 3) on the standardized map, at the same false-alarm rate."""
+        return three_sigma_threshold(self.hparams.in_channels, norm=2)
+
     def map_scale(self, name: str) -> float:
         """Typical magnitude of each pixel map, from the training statistics (binned AUROC only)."""
         kind, r = name.split("_")[1], int(name[-1])
@@ -200,5 +214,3 @@ class EBMModule(AnomalyModule):
             return self.hparams.in_channels ** (1.0 / r)
         rms = (self.grad_mean.pow(2) + self.grad_std.pow(2)).sqrt()
         return float(pnorm(rms, r, dims=(0,)).mean()) or 1.0
-
-
