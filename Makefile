@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all lint format bench-bottle clean
+.PHONY: install demo demo-compare test test-all lint format bench-bottle bench-models bench-predict clean
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,10 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(PY) -m ebmad.train experiment=quickstart
+
+# the three methods (EBM, DRAEM, SSAE) side by side on the synthetic category, tiny CPU settings, then the report
+demo-compare: install
+	$(PY) -m ebmad.train experiment=compare_demo
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -38,6 +42,12 @@ format: install
 
 bench-bottle: install
 	$(PY) experiments/bench_bottle.py
+
+bench-models: install
+	$(PY) experiments/bench_models.py
+
+bench-predict: install
+	$(PY) experiments/bench_predict.py
 
 clean:
 	rm -rf $(VENV) logs .pytest_cache

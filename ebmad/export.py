@@ -20,8 +20,9 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from ebmad.checkpointing import validate_checkpoint
 from ebmad.models import AnomalyModule, model_class
-from ebmad.train import CONF_DIR, checkpoint_model_type
+from ebmad.train import CONF_DIR
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("pixel_map", "image_score")
@@ -41,10 +42,7 @@ def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu")
     if path is None or not path.is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist (give the checkpoint written after fit, "
                                 "e.g. <run>/checkpoints/last.ckpt)")  # fmt: skip
-    try:
-        kind = checkpoint_model_type(str(path))
-    except Exception as exc:
-        raise ValueError(f"ckpt_path={path} is not a readable checkpoint: {exc}") from exc
+    kind = str(validate_checkpoint(path).get("ebmad_model_type", "ebm"))  # names the file and the problem
     module = model_class(kind).load_from_checkpoint(str(path), map_location=map_location)
     if not module.stats_ready:
         raise ValueError(f"checkpoint {path} ({kind}) has no fitted scoring statistics; use the checkpoint "

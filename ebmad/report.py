@@ -41,6 +41,7 @@ EBM_VARIANTS = {
 }
 CATEGORY_KEY = "data.category"
 MODEL_KEY = "model"
+MODEL_KEYS = (MODEL_KEY, "recipe")  # what picks the method: a column of the tables, not a setting
 
 
 def load_published(path: Path = PUBLISHED_CSV) -> dict[tuple[str, str, str], float]:
@@ -62,6 +63,7 @@ class Job:
     error: str = ""
     model: str = "ebm"
     headline: dict[str, float] = field(default_factory=dict)  # {metric: the model's headline value}
+    untrained: dict[str, float] = field(default_factory=dict)  # the untrained reference's metrics (EBM)
 
 
 def _split(override: str) -> tuple[str, str]:
@@ -85,7 +87,7 @@ def _job_overrides(folder: Path) -> list[str]:
 
 
 def _setting(overrides: list[str], sweep_keys: set[str] | None) -> str:
-    items = [o for o in overrides if _split(o)[0] not in (CATEGORY_KEY, MODEL_KEY)]
+    items = [o for o in overrides if _split(o)[0] not in (CATEGORY_KEY, *MODEL_KEYS)]
     if sweep_keys is not None:
         items = [o for o in items if _split(o)[0] in sweep_keys]
     return ",".join(sorted(items)) or "default"
@@ -142,7 +144,7 @@ def collect_jobs(sweep_dir: str | Path, categories: list[str] | None = None) -> 
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"sweep folder {sweep_dir} does not exist")
     swept = _swept_keys(sweep_dir)
-    sweep_keys = None if swept is None else swept - {CATEGORY_KEY, MODEL_KEY}
+    sweep_keys = None if swept is None else swept - {CATEGORY_KEY, *MODEL_KEYS}
     jobs: list[Job] = []
     for folder in sorted(p for p in sweep_dir.iterdir() if p.is_dir()):
         markers = (folder / "results.json", folder / "job.json", folder / ".hydra")
@@ -152,9 +154,10 @@ def collect_jobs(sweep_dir: str | Path, categories: list[str] | None = None) -> 
         res = json.loads((folder / "results.json").read_text()) if (folder / "results.json").is_file() else {}
         values = dict(map(_split, overrides))
         category = res.get("category") or values.get(CATEGORY_KEY, "?")
-        model = res.get("model") or _model_name(values.get(MODEL_KEY, ""))
+        model = res.get("model") or _model_name(values.get(MODEL_KEY) or values.get("recipe", ""))
         jobs.append(Job(folder, category, _setting(overrides, sweep_keys), res.get("status", "incomplete"),
-                        res.get("metrics", {}), res.get("error", ""), model, _headline(res)))  # fmt: skip
+                        res.get("metrics", {}), res.get("error", ""), model, _headline(res),
+                        (res.get("reference") or {}).get("untrained", {})))  # fmt: skip
     wanted = categories or expected_categories(sweep_dir)
     if not wanted and any(j.category in MVTEC_CATEGORIES for j in jobs):
         wanted = list(MVTEC_CATEGORIES)
@@ -247,6 +250,38 @@ def _variant_table(jobs: list[Job], kind: str, columns: tuple[str, ...], title: 
     return lines
 
 
+UNTRAINED_COLUMNS = (
+    ("image AUROC", "image_auroc", "image_auroc/A_std_l2"),
+    ("pixel AUROC", "pixel_auroc", "pixel_auroc/a_std_l2"),
+    ("AUPRO", "aupro", "aupro"),
+)
+
+
+def _untrained_table(jobs: list[Job]) -> list[str]:
+    """What training adds: the trained EBM beside the same network at its initial weights."""
+    head = ["category"]
+    for name, _, _ in UNTRAINED_COLUMNS:
+        head += [f"{name} trained", "untrained", "Δ"]
+    lines = ["**EBM: trained vs untrained reference (same network at its initial weights)**", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+    done = [j for j in jobs if j.status == "completed" and j.untrained]
+    for j in done:
+        cells = [j.category]
+        for _, ours_key, ref_key in UNTRAINED_COLUMNS:
+            ours, ref = j.headline.get(ours_key), j.untrained.get(ref_key)
+            cells += [_fmt(ours), _fmt(ref), _delta(ours, ref)]
+        lines.append("| " + " | ".join(cells) + " |")
+    cells = [f"**mean** ({len(done)})"]
+    for _, ours_key, ref_key in UNTRAINED_COLUMNS:
+        ours, ref = (
+            _mean([j.headline.get(ours_key) for j in done]),
+            _mean([j.untrained.get(ref_key) for j in done]),
+        )
+        cells += [_fmt(ours), _fmt(ref), _delta(ours, ref)]
+    lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_markdown(jobs: list[Job], sweep_dir: Path) -> str:
     out = [f"# ebmad sweep report: `{sweep_dir}`", ""]
     counts: dict[str, int] = {}
@@ -267,6 +302,8 @@ def render_markdown(jobs: list[Job], sweep_dir: Path) -> str:
             out += _variant_table(
                 ebm, "pixel_auroc", EBM_VARIANTS["pixel_auroc"], "EBM pixel-map variants"
             ) + [""]
+            if any(j.untrained for j in ebm):
+                out += _untrained_table(ebm) + [""]
     out.append("Published numbers: EBM per-category pixel AUROC from Genc et al. Table 2 (image AUROC only as a "
                "15-category mean); DRAEM from Zavrtanik et al. Table 2; SSAE journal means. Sources in "
                "`ebmad/reference/published.csv`. Δ = ours - published.")  # fmt: skip

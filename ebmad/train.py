@@ -11,6 +11,7 @@ import csv
 import hashlib
 import json
 import logging
+import os
 import time
 import traceback
 import uuid
@@ -59,6 +60,8 @@ def job_dir_name(override_dirname: str) -> str:
 
 
 OmegaConf.register_new_resolver("ebmad_job_dir", job_dir_name, replace=True)
+# the launch folder without Hydra's runtime (not yet set when a config's `hydra.mode: MULTIRUN` starts a sweep)
+OmegaConf.register_new_resolver("ebmad_cwd", os.getcwd, replace=True)
 
 
 def instantiate(node: Any, **kwargs: Any) -> Any:
@@ -91,13 +94,17 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
 
 
-def build_loggers(cfg: DictConfig, out: Path) -> list[Any]:
+def build_loggers(cfg: DictConfig, out: Path, model_type: str = "ebm") -> list[Any]:
+    """The configured loggers; a W&B run is named ``<name>-<model>`` and tagged with the model type, so the
+    models of one sweep (one W&B group) can be told apart and compared."""
     loggers = []
     for c in (cfg.get("logger") or {}).values():
         if not c or "_target_" not in c:
             continue
         if c._target_.endswith("WandbLogger"):
-            loggers.append(instantiate(c, id=wandb_run_id(out), resume="allow"))
+            tags = [*(c.get("tags") or []), f"model:{model_type}"]
+            loggers.append(instantiate(c, id=wandb_run_id(out), resume="allow", name=f"{c.name}-{model_type}",
+                                       tags=tags))  # fmt: skip
         else:
             loggers.append(instantiate(c))
     return loggers
@@ -276,11 +283,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         cfg.seed, workers=True
     )  # right before the model: its initial weights depend on the seed only
     model = build_model(cfg, dm) if cfg.train else load_for_test(cfg, dm)
-    loggers = build_loggers(cfg, out)
+    loggers = build_loggers(cfg, out, model.MODEL_TYPE)
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers or False,
                                       plugins=[AtomicCheckpointIO()])  # fmt: skip
     for lg in loggers:
         lg.log_hyperparams({"cfg": OmegaConf.to_container(cfg, resolve=True), "category": dm.category,
+                            "model_type": model.MODEL_TYPE,
                             "overrides": job_overrides()})  # fmt: skip
     timings: dict[str, float] = {}
     results: dict[str, Any] = {}

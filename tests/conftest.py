@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -69,3 +71,14 @@ def make_cfg(tmp_path, synth_root):
         return compose_cfg(out or tmp_path / "run", [*base, "logger=none", *extra])
 
     return _make
+
+
+def read_scores(path: Path) -> list[dict[str, str]]:
+    """Rows of a run's scores.csv."""
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def ckpt_state(path: Path) -> dict:
+    """A checkpoint file's contents (on the CPU)."""
+    return torch.load(path, map_location="cpu", weights_only=False)

@@ -32,6 +32,18 @@ def test_bottle_small_cpu_run_beats_chance(make_cfg, tmp_path):
     assert m["image_auroc/energy"] > 0.7
     assert m["image_auroc/A_std_l2"] > 0.7
     assert m["pixel_auroc/a_std_l2"] > 0.7
+    # the evaluation a reviewer asks for: AUPRO, pixel AP, per defect type, and the untrained reference
+    saved = json.loads((out / "results.json").read_text())
+    assert 0.0 < saved["aupro"] <= 1.0 and 0.0 < saved["pixel_ap"] <= 1.0
+    assert {k.split("/")[1] for k in m if k.startswith("per_defect/")} == {
+        "broken_large",
+        "broken_small",
+        "contamination",
+    }
+    ref = saved["reference"]["untrained"]
+    assert 0.5 < ref["pixel_auroc/a_std_l2"] <= 1.0 and 0.0 < ref["aupro"] <= 1.0
+    print("AUPRO", round(saved["aupro"], 3), "untrained", {k: round(v, 3) for k, v in ref.items()})
+    assert (out / "figures" / "roc.png").stat().st_size > 0
 
 
 @pytest.mark.slow

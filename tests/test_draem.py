@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -24,7 +23,7 @@ from ebmad.models.draem.synthesis import blend, synthesize
 from ebmad.models.draem.textures import FolderTextures, ProceduralTextures
 from ebmad.train import Preempted, run
 
-from conftest import compose_cfg
+from conftest import ckpt_state, compose_cfg, read_scores
 
 TINY = ("model=draem", "model.recon_base_width=8", "model.disc_base_width=8")
 
@@ -381,15 +380,6 @@ def test_bad_anomaly_source_dir_is_named(tmp_path):
 
 
 # ---------------------------------------------------------------------- runs through the framework
-def read_scores(path):
-    with open(path) as fh:
-        return list(csv.DictReader(fh))
-
-
-def ckpt_state(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
 def test_tiny_training_run_and_checkpoint_round_trip(make_cfg, tmp_path):
     res = run(make_cfg(*TINY, out=tmp_path / "x"))
     saved = json.loads((tmp_path / "x" / "results.json").read_text())

@@ -9,11 +9,14 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+from ebmad.models import MODEL_CLASSES
 from ebmad.train import CONF_DIR
 
 from conftest import REPO, tiny_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+RECIPES = sorted(p.stem for p in (CONF_DIR / "recipe").glob("*.yaml"))
+EXPECTED_MODEL = {"draem_paper": "draem", "ssae_paper": "ssae"}
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -22,7 +25,16 @@ def test_every_experiment_composes(experiment):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"experiment={experiment}"])
     assert cfg.trainer.inference_mode is False
-    assert cfg.model._target_ == "ebmad.models.ebm.EBMModule"
+    assert cfg.model._target_ == MODEL_CLASSES[EXPECTED_MODEL.get(experiment, "ebm")]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_selects_its_model(recipe):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"recipe={recipe}"])
+    assert cfg.model._target_ == MODEL_CLASSES[recipe.split("_")[0]]
+    assert cfg.model.image_size == cfg.data.image_size
 
 
 def test_paper_experiment_matches_the_paper():

@@ -1,11 +1,13 @@
 """Atomic checkpoint writes, checkpoint validation, resume selection, and the non-finite guard."""
 
+import json
 import logging
 import os
 import subprocess
 import sys
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -314,17 +316,34 @@ def test_a_healthy_run_passes_and_reporting_is_off_without_the_guard(tmp_path):
         NonFiniteGuard(check_every=0)
 
 
-def test_guard_stops_a_diverging_ebm_run(make_cfg):
-    cfg = make_cfg(
-        "model.lr=1e30", "model.optimizer=sgd", "+callbacks.nonfinite._target_=ebmad.guards.NonFiniteGuard"
-    )
+@pytest.mark.parametrize(
+    "overrides",
+    [("model.lr=5.0", "trainer.max_steps=30"), ("model.lr=1e30", "model.optimizer=sgd")],
+    ids=["issue-case", "huge-lr"],
+)
+def test_guard_stops_a_diverging_ebm_run(make_cfg, overrides):
+    cfg = make_cfg(*overrides)  # the guard is in the default callbacks
     with pytest.raises(TrainingDiverged, match=r"training diverged at step \d+: \w+ is not finite") as err:
         run(cfg)
-    assert "model.lr" in str(err.value)
+    assert "model.lr" in str(err.value) and "model.sgld_step_size" in str(err.value)
+    res = json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
+    assert res["status"] == "diverged" and "is not finite" in res["error"] and res["model"] == "ebm"
     last = os.path.join(cfg.paths.output_dir, "checkpoints", "last.ckpt")
     if os.path.exists(last):  # whatever was written before holds finite weights
         state = validate_checkpoint(last, "ebm")["state_dict"]
-        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+        weights = {k: v for k, v in state.items() if not k.endswith("_threshold")}  # NaN = not fitted yet
+        assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_truncated_ckpt_path_is_named(make_cfg, tmp_path):
+    run(make_cfg("test=false", out=tmp_path / "fit"))
+    good = tmp_path / "fit" / "checkpoints" / "last.ckpt"
+    bad = tmp_path / "truncated.ckpt"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=rf"{bad}.*truncated"):
+        run(make_cfg("train=false", f"ckpt_path={bad}", out=tmp_path / "eval"))
+    with pytest.raises(CheckpointError, match=r"model type 'ebm'.*model=ebm"):
+        run(make_cfg("model=ssae", "train=false", f"ckpt_path={good}", out=tmp_path / "eval2"))
 
 
 def test_check_finite_scores_names_the_score_and_the_count():

@@ -1,6 +1,5 @@
 """SSAE: network shapes, corruption invariants, loss and score definitions, texture folder errors, framework runs."""
 
-import csv
 import json
 
 import numpy as np
@@ -15,6 +14,8 @@ from ebmad.models.ssae.lightning_model import GaussianSmoothing
 from ebmad.models.ssae.loss import restoration_loss
 from ebmad.models.ssae.textures import FolderTextures
 from ebmad.train import run
+
+from conftest import ckpt_state, read_scores
 
 SMALL_NET = ("model.widths=[4,8]", "model.sdc_blocks=1", "model.dilations=[1,2]")
 
@@ -168,15 +169,6 @@ def test_scorer_matches_score_and_exports_to_onnx(tmp_path):
 
 
 # --------------------------------------------------------- framework runs
-def read_scores(path):
-    with open(path) as fh:
-        return list(csv.DictReader(fh))
-
-
-def ckpt_state(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
 def test_run_and_checkpoint_round_trip(ssae_cfg, tmp_path):
     res = run(ssae_cfg(out=tmp_path / "fit"))
     saved = json.loads((tmp_path / "fit" / "results.json").read_text())

@@ -132,3 +132,29 @@ def test_sweep_through_the_submitit_launcher(synth_root, tmp_path):
     done = [json.loads(f.read_text()) for f in sweep.glob("*/results.json")]
     assert sorted(d["category"] for d in done) == ["tex_a", "tex_b"]
     assert all(d["status"] == "completed" for d in done)
+
+
+def test_two_model_multirun_writes_the_comparison_report(synth_root, tmp_path):
+    sweep = tmp_path / "cmp"
+    base = [o for o in tiny_overrides(synth_root) if not o.startswith(("model.", "trainer.max_steps"))]
+    p = cli("-m", "recipe=ebm_tiny,ssae_tiny", *base, "trainer.max_steps=4", "eval.figures=false",
+            "logger=csv", f"hydra.sweep.dir={sweep}")  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = {r["model"]: r for r in (json.loads(f.read_text()) for f in sweep.glob("*/results.json"))}
+    assert set(results) == {"ebm", "ssae"} and all(r["status"] == "completed" for r in results.values())
+    md = (sweep / "report.md").read_text()
+    assert md.count("## Setting:") == 1  # the model is a column, not a setting
+    head = "| category | ebm | paper ebm | Δ | ssae | paper ssae | Δ | status |"
+    assert "**Table 1: image-level AUROC**" in md and head in md
+    e, s = results["ebm"], results["ssae"]
+    assert f"| tex_a | {e['image_auroc']:.3f} | n/a | n/a | {s['image_auroc']:.3f} | n/a | n/a | " in md
+    assert (
+        f"| **mean** (completed/all) | {e['aupro']:.3f} (1/1) | {s['aupro']:.3f} (1/1) |" in md
+    )  # no paper AUPRO
+    assert "0.998" in md  # the published SSAE mean image AUROC beside ours
+    ref = e["reference"]["untrained"]
+    assert "**EBM: trained vs untrained reference" in md
+    assert f"| tex_a | {e['image_auroc']:.3f} | {ref['image_auroc/A_std_l2']:.3f} | " in md
+    rows = list(csv.DictReader((sweep / "report.csv").open()))
+    means = {r["model"]: r for r in rows if r["category"] == "mean"}
+    assert means["ssae"]["paper_image_auroc"] == "0.998" and means["ebm"]["paper_image_auroc"] == "0.72"
