@@ -82,3 +82,13 @@ def read_scores(path: Path) -> list[dict[str, str]]:
 def ckpt_state(path: Path) -> dict:
     """A checkpoint file's contents (on the CPU)."""
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Two checkpoints hold bit-identical weights/buffers (NaN = unfitted thresholds in both) and Adam state."""
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(v, b["state_dict"][k], rtol=0, atol=0, equal_nan=True, msg=k)
+    opt_a, opt_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    for i in opt_a:
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt_a[i][k], opt_b[i][k]), (i, k)

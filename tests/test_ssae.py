@@ -15,7 +15,7 @@ from ebmad.models.ssae.loss import restoration_loss
 from ebmad.models.ssae.textures import FolderTextures
 from ebmad.train import run
 
-from conftest import ckpt_state, read_scores
+from conftest import assert_same_training_state, ckpt_state, read_scores
 
 SMALL_NET = ("model.widths=[4,8]", "model.sdc_blocks=1", "model.dilations=[1,2]")
 
@@ -202,9 +202,4 @@ def test_resume_is_exact(ssae_cfg, tmp_path, batch, stop):
     a = ckpt_state(tmp_path / "full" / "checkpoints" / "last.ckpt")
     b = ckpt_state(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
     assert a["global_step"] == b["global_step"] == 4
-    for k, v in a["state_dict"].items():
-        torch.testing.assert_close(v, b["state_dict"][k], rtol=0, atol=0, equal_nan=True, msg=k)
-    opt_a, opt_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
-    for i in opt_a:
-        for k in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(opt_a[i][k], opt_b[i][k]), (i, k)
+    assert_same_training_state(a, b)

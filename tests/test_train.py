@@ -10,7 +10,7 @@ from ebmad.models.ebm import EBMModule
 from ebmad.models.ebm.scoring import energy_and_grad
 from ebmad.train import run
 
-from conftest import ckpt_state, read_scores
+from conftest import assert_same_training_state, ckpt_state, read_scores
 from wandb_records import summary_and_config
 
 
@@ -78,12 +78,7 @@ def test_resume_is_exact(make_cfg, tmp_path, batch, stop):
     b = ckpt_state(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
     assert a["global_step"] == b["global_step"] == 8
     assert a["epoch"] == b["epoch"]
-    for k, v in a["state_dict"].items():
-        torch.testing.assert_close(v, b["state_dict"][k], rtol=0, atol=0, equal_nan=True, msg=k)
-    opt_a, opt_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
-    for i in opt_a:
-        for k in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(opt_a[i][k], opt_b[i][k]), (i, k)
+    assert_same_training_state(a, b)
 
 
 def test_wandb_offline_run_files(make_cfg, tmp_path):
