@@ -14,8 +14,9 @@ One mechanism for training and testing:
   silently wrong AUROC) inside metric code.
 
 On a non-finite value the guard calls :meth:`NonFiniteGuard.on_non_finite`, which raises
-:class:`TrainingDiverged`; a recovery policy (skip the step, reload, lower the learning rate) is a
-subclass overriding that method.
+:class:`TrainingDiverged`. A recovery policy that skips the step (``ebmad.spikes.SpikeGuard`` with ``skip``
+or ``restore``, listed before this guard) marks the step as recovered; its values are then not held
+against the run.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ DEFAULT_HINT = "lower model.lr / model.sgld_step_size, or enable model.alpha (en
 _VALUES = "_ebmad_guard_values"  # module attribute: {name: tensor} reported in the current step
 _ACTIVE = "_ebmad_guard_active"
 LOSS, GRADIENT = "loss", "gradient"
+RECOVERED = "_ebmad_recovered_step"  # module attribute: the step a recovery policy skipped (not applied)
 
 
 class NonFiniteError(RuntimeError):
@@ -143,6 +145,9 @@ class NonFiniteGuard(pl.Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        if getattr(pl_module, RECOVERED, None) == trainer.global_step:
+            self._pending = {}  # a recovery policy (ebmad.spikes.SpikeGuard) already undid this step
+            return
         if self.check_gradients and getattr(trainer.precision_plugin, "scaler", None) is None:
             grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
             if grads:

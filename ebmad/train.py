@@ -139,17 +139,67 @@ def load_for_test(cfg: DictConfig, dm: MVTecDataModule) -> AnomalyModule:
     """A module from a checkpoint with its own architecture; test-time options from the config."""
     kind = config_model_type(cfg)
     validate_checkpoint(cfg.ckpt_path, kind, dm.image_size, dm.num_channels)
+    stored = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False, mmap=True).get("hyper_parameters", {})
+    scoring = scoring_overrides(cfg, stored)
     model = model_class(kind).load_from_checkpoint(
         cfg.ckpt_path, map_location="cpu",
         pixel_auroc_thresholds=cfg.model.get("pixel_auroc_thresholds"), n_examples=cfg.model.get("n_examples", 8),
+        **scoring,
     )  # fmt: skip
+    if scoring:
+        log.info("checkpoint %s scored with %s (scoring options; the weights are the checkpoint's)", cfg.ckpt_path,
+                 ", ".join(f"model.{k}={v!r}" for k, v in scoring.items()))  # fmt: skip
     hp = model.hparams
     if hp.image_size != dm.image_size or hp.in_channels != dm.num_channels:
         raise ValueError(
             f"checkpoint {cfg.ckpt_path} was trained at {hp.in_channels}x{hp.image_size}x{hp.image_size} but "
             f"data.image_size={dm.image_size} with {dm.num_channels} channels"
         )
+    ignored = {k: v for k, v in ignored_model_settings(cfg, hp).items() if k not in scoring}
+    if ignored:
+        log.warning("checkpoint %s: these settings differ from the checkpoint's and are NOT used (the checkpoint's "
+                    "values are part of the trained model; retrain to change them): %s", cfg.ckpt_path,
+                    ", ".join(f"model.{k}={v!r} (checkpoint: {hp[k]!r})" for k, v in ignored.items()))  # fmt: skip
     return model
+
+
+TEST_TIME_KEYS = ("_target_", "pixel_auroc_thresholds", "n_examples", "in_channels", "image_size", "seed")
+# scoring options a trained checkpoint can be scored with (no new weights or buffers); those that change the
+# fitted statistics need refit_stats=true
+SCORING_KEYS = ("map_sigmas", "default_image_score", "default_pixel_map", "stats_gains")
+REFIT_KEYS = ("stats_gains",)
+
+
+def scoring_overrides(cfg: DictConfig, stored: dict[str, Any]) -> dict[str, Any]:
+    """``model.*`` scoring options that differ from the checkpoint's, to score it with (see ``SCORING_KEYS``)."""
+    want = OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") is not None else {}
+    have = {k: stored.get(k) for k in SCORING_KEYS if k in want}  # (older checkpoints: the default, None)
+    changed = {k: v for k, v in ignored_model_settings(cfg, have).items() if k in SCORING_KEYS}
+    need_refit = [k for k in changed if k in REFIT_KEYS]
+    if need_refit and not cfg.get("refit_stats"):
+        raise ValueError(
+            f"{', '.join(f'model.{k}' for k in need_refit)} changes the fitted statistics of checkpoint "
+            f"{cfg.ckpt_path}: add refit_stats=true to refit them, or drop the override"
+        )
+    return changed
+
+
+def ignored_model_settings(cfg: DictConfig, hp: Any) -> dict[str, Any]:
+    """``model.*`` config values that differ from a loaded checkpoint's hyperparameters (which win)."""
+    want = OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") is not None else {}
+    out = {}
+    for k, v in want.items():
+        if k in TEST_TIME_KEYS or k not in hp:
+            continue
+        have = hp[k]
+        same = (
+            (list(v) == list(have))
+            if isinstance(v, list | tuple) and isinstance(have, list | tuple)
+            else v == have
+        )
+        if not same:
+            out[k] = v
+    return out
 
 
 def write_outputs(out: Path, cfg: DictConfig, model: AnomalyModule, dm: MVTecDataModule, trainer: pl.Trainer,

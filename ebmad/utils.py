@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -29,6 +30,17 @@ def git_commit(root: Path = PROJECT_ROOT) -> dict[str, Any]:
     return {"commit": sha.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what the platform module reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_info(device: torch.device | str | None = None) -> dict[str, Any]:
     """The device the run used, in words."""
     device = torch.device(device or "cpu")
@@ -38,8 +50,9 @@ def device_info(device: torch.device | str | None = None) -> dict[str, Any]:
         info["name"] = torch.cuda.get_device_name(idx)
         info["count"] = torch.cuda.device_count()
     else:
-        info["name"] = platform.processor() or platform.machine()
+        info["name"] = cpu_name()
         info["threads"] = torch.get_num_threads()
+        info["cores"] = os.cpu_count()
     return info
 
 
@@ -82,3 +95,16 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(_finite(data), indent=2, sort_keys=False))
     tmp.replace(path)
+
+
+def append_csv_rows(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
+    """Append rows to a CSV of results, writing the header when the file is new."""
+    import csv
+
+    new = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        if new:
+            w.writeheader()
+        w.writerows(rows)

@@ -34,10 +34,8 @@ architecture at its initial weights: a trained EBM should beat it.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -46,6 +44,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from ebmad.utils import append_csv_rows, cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 CSV_PATH = ROOT / "experiments" / "results" / "bench_models.csv"
@@ -68,17 +68,6 @@ QUICK: dict[str, list[str]] = {  # appended to SETTINGS by --quick
 }
 FIELDS = ["date", "commit", "device", "torch", "model", "category", "settings", "image_auroc", "pixel_auroc",
           "aupro", "pixel_ap", "untrained_pixel_auroc", "train_s", "command", "pixel_auroc_model_res"]  # fmt: skip
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else what platform reports."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def device_line(dev: dict[str, Any]) -> str:
@@ -150,16 +139,6 @@ def run_one(model: str, category: str, root: str, quick: bool, threads: int) -> 
             "command": command, "pixel_auroc_model_res": fmt(model_res)}  # fmt: skip
 
 
-def append_rows(rows: list[dict[str, Any]], path: Path = CSV_PATH) -> None:
-    new = not path.exists()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
@@ -184,7 +163,7 @@ def main() -> int:
             if row is not None:
                 rows.append(row)
                 if not a.quick:  # smoke-test numbers stay out of the results table
-                    append_rows([row])
+                    append_csv_rows(CSV_PATH, FIELDS, [row])
     print(f"\n{'model':6s} {'category':9s} {'image':>6s} {'pixel':>6s} {'AUPRO':>6s} {'pixAP':>6s} "
           f"{'pix@m':>6s} {'untr.':>6s} {'train_s':>7s}")  # fmt: skip
     for r in rows:

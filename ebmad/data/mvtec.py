@@ -116,6 +116,11 @@ def category_channels(files: list[Path]) -> int:
     return 3 if n_colour else 1
 
 
+def shift_brightness(images: torch.Tensor, gain: float) -> torch.Tensor:
+    """Images in [-1, 1] with their [0, 1] intensities multiplied by ``gain`` (clamped): a global lighting change."""
+    return ((images + 1) / 2 * gain).clamp(0, 1) * 2 - 1
+
+
 class MVTecDataModule(pl.LightningDataModule):
     """Decodes a category once, keeps it as tensors on the training device, batches there."""
 
@@ -129,6 +134,7 @@ class MVTecDataModule(pl.LightningDataModule):
         test_batch_size: int = 32,
         seed: int = 0,
         val_fraction: float = 0.0,
+        test_good_gain: float | None = None,
     ) -> None:
         super().__init__()
         if image_size < 8:
@@ -141,6 +147,9 @@ class MVTecDataModule(pl.LightningDataModule):
             )
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        if test_good_gain is not None and not 0 < test_good_gain <= 2:
+            raise ValueError(f"data.test_good_gain must be null or in (0, 2], got {test_good_gain}")
+        self.test_good_gain = test_good_gain
         self.val_fraction = val_fraction
         self.val_data: dict[str, torch.Tensor] | None = None
         self.root = root
@@ -212,8 +221,12 @@ class MVTecDataModule(pl.LightningDataModule):
                 else:
                     masks.append(load_mask(item.mask, self.image_size, orig, item.image))
             device = self._device()
+            images = torch.stack(imgs)
+            if self.test_good_gain is not None:  # an illumination shift of the defect-free test images only
+                good = torch.tensor([it.label == 0 for it in self.test_meta])
+                images[good] = shift_brightness(images[good], self.test_good_gain)
             self.test_data = {
-                "image": torch.stack(imgs).to(device),
+                "image": images.to(device),
                 "mask": torch.stack(masks).to(device),
                 "label": torch.tensor([it.label for it in self.test_meta], device=device),
                 "index": torch.arange(len(self.test_meta), device=device),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -12,7 +14,7 @@ from ebmad.evaluation.thresholds import three_sigma_threshold
 from ebmad.guards import DEFAULT_HINT, report_values
 from ebmad.models.base import AnomalyModule, ReduceSum, check
 from ebmad.models.ebm.export import EBMScorer
-from ebmad.models.ebm.network import EnergyNet
+from ebmad.models.ebm.network import EnergyNet, apply_spectral_norm
 from ebmad.models.ebm.scoring import (
     DEFAULT_IMAGE_SCORE,
     DEFAULT_PIXEL_MAP,
@@ -21,11 +23,14 @@ from ebmad.models.ebm.scoring import (
     MomentAccumulator,
     compute_scores,
     energy_and_grad,
+    instance_normalize,
     pnorm,
 )
 from ebmad.models.ebm.sgld import frozen, sgld_sample, uniform_init
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+INPUT_NORMS = ("none", "instance")
+CHAIN_INITS = ("uniform", "data")
 
 
 class EBMModule(AnomalyModule):
@@ -35,6 +40,15 @@ class EBMModule(AnomalyModule):
     short-run SGLD samples started from uniform noise inside ``training_step``.
     Scoring: energy and gradient-map scores (see :mod:`ebmad.scoring`), standardized with the
     training-set statistics held in the buffers ``grad_mean`` / ``grad_std``.
+
+    Options beyond the paper (all off by default, each keeps the paper's behaviour when off):
+    stabilizers ``spectral_norm``, ``ema_decay`` (scoring with an EMA of the weights), SGLD schedules along
+    the chain (``sgld_step_size_end`` / ``sgld_noise_end``), augmentation of positives (``aug_hflip``,
+    ``aug_vflip``, ``aug_brightness``), ``input_norm=instance`` (per-image standardization: a global
+    brightness change leaves energy and maps unchanged), and scoring options ``score_noise_samples`` /
+    ``score_noise_std`` (gradients averaged over fixed input noise), ``map_sigmas`` (multi-scale map
+    ``a_ms``), ``patch_energy`` (``E_patch_max``), ``default_image_score`` / ``default_pixel_map``, and
+    ``stats_gains`` (the gradient statistics fitted over brightness-changed copies of the training images).
     """
 
     MODEL_TYPE = "ebm"
@@ -68,6 +82,23 @@ class EBMModule(AnomalyModule):
         pixel_auroc_thresholds: int | None = None,
         n_examples: int = 8,
         seed: int = 0,
+        sgld_step_size_end: float | None = None,
+        sgld_noise_end: float | None = None,
+        spectral_norm: bool = False,
+        ema_decay: float | None = None,
+        aug_hflip: float = 0.0,
+        aug_vflip: float = 0.0,
+        aug_brightness: float = 0.0,
+        input_norm: str = "none",
+        score_noise_samples: int = 0,
+        score_noise_std: float = 0.0,
+        map_sigmas: list[float] | None = None,
+        patch_energy: bool = False,
+        default_image_score: str | None = None,
+        default_pixel_map: str | None = None,
+        chain_init: str = "uniform",
+        chain_init_noise: float = 0.3,
+        stats_gains: list[float] | None = None,
     ) -> None:
         super().__init__()
         check(sgld_steps >= 1, f"model.sgld_steps must be >= 1, got {sgld_steps}")
@@ -82,19 +113,106 @@ class EBMModule(AnomalyModule):
         )
         check(scheduler in (None, "cosine"), f"model.scheduler must be null or 'cosine', got {scheduler!r}")
         check(data_range[0] < data_range[1], f"model.data_range must be increasing, got {data_range}")
+        check(
+            ema_decay is None or 0 < ema_decay < 1,
+            f"model.ema_decay must be null or in (0, 1), got {ema_decay}",
+        )
+        for name, v in (
+            ("aug_hflip", aug_hflip),
+            ("aug_vflip", aug_vflip),
+            ("aug_brightness", aug_brightness),
+        ):
+            check(0 <= v <= 1, f"model.{name} must be in [0, 1], got {v}")
+        check(chain_init in CHAIN_INITS, f"model.chain_init must be one of {CHAIN_INITS}, got {chain_init!r}")
+        check(not stats_gains or all(0 < float(g) <= 2 for g in stats_gains),
+              f"model.stats_gains must be gains in (0, 2], got {stats_gains}")  # fmt: skip
+        check(chain_init_noise >= 0, f"model.chain_init_noise must be >= 0, got {chain_init_noise}")
+        check(input_norm in INPUT_NORMS, f"model.input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
+        check(score_noise_samples >= 0 and score_noise_std >= 0,
+              "model.score_noise_samples and model.score_noise_std must be >= 0")  # fmt: skip
+        check((score_noise_samples > 0) == (score_noise_std > 0),
+              "set both model.score_noise_samples > 0 and model.score_noise_std > 0, or neither")  # fmt: skip
+        check(not map_sigmas or all(0 <= float(v) and math.ceil(3 * float(v)) < image_size for v in map_sigmas),
+              f"model.map_sigmas must be sigmas >= 0 with 3 sigma < model.image_size ({image_size}), got {map_sigmas}")  # fmt: skip
         self.save_hyperparameters()
         self.net = EnergyNet(in_channels, image_size, base_width)
+        if spectral_norm:
+            apply_spectral_norm(self.net)
+        self.net_ema = None
+        if ema_decay is not None:
+            self.net_ema = copy.deepcopy(self.net).requires_grad_(False)
         shape = (in_channels, image_size, image_size)
         self.register_buffer("grad_mean", torch.zeros(shape))
         self.register_buffer("grad_std", torch.ones(shape))
         self.register_buffer("stats_count", torch.zeros((), dtype=torch.float64))
         self.register_buffer("replay", torch.empty(0), persistent=False)
+        if score_noise_samples > 0:  # fixed noise: scores are deterministic, and exportable
+            gen = torch.Generator().manual_seed(int(seed) + 7919)
+            self.register_buffer("score_noise", score_noise_std * torch.randn((score_noise_samples, *shape),
+                                                                              generator=gen))  # fmt: skip
+        if patch_energy:
+            side = 4  # the head's input is always 4x4 (see network.stage_widths)
+            self.register_buffer("patch_mean", torch.zeros(side, side))
+            self.register_buffer("patch_std", torch.ones(side, side))
+        self.IMAGE_SCORES = (
+            IMAGE_SCORES + (("A_ms_max",) if map_sigmas else ()) + (("E_patch_max",) if patch_energy else ())
+        )
+        self.PIXEL_MAPS = (
+            PIXEL_MAPS + (("a_ms",) if map_sigmas else ()) + (("e_patch",) if patch_energy else ())
+        )
+        self.DEFAULT_IMAGE_SCORE = default_image_score or DEFAULT_IMAGE_SCORE
+        self.DEFAULT_PIXEL_MAP = default_pixel_map or DEFAULT_PIXEL_MAP
+        check(self.DEFAULT_IMAGE_SCORE in self.IMAGE_SCORES,
+              f"model.default_image_score must be one of {self.IMAGE_SCORES} (with these options), "
+              f"got {default_image_score!r}")  # fmt: skip
+        check(
+            self.DEFAULT_PIXEL_MAP in self.PIXEL_MAPS,
+            f"model.default_pixel_map must be one of {self.PIXEL_MAPS} (with these options), got {default_pixel_map!r}",
+        )
+        self.train_diagnostics: dict[str, torch.Tensor] = {}
         self._init_base()
 
     # ------------------------------------------------------------------ energy
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Energy per image."""
-        return self.net(x)
+        """Energy per image (of the training network; scoring uses :attr:`scoring_net`)."""
+        return self.net(self.normalize(x))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's input: x itself, or with ``input_norm=instance`` x standardized per image."""
+        return instance_normalize(x) if self.hparams.get("input_norm", "none") == "instance" else x
+
+    @property
+    def scoring_net(self) -> EnergyNet:
+        """The network that scores: the EMA of the weights when ``ema_decay`` is set, else the trained one."""
+        return self.net_ema if self.net_ema is not None else self.net
+
+    def gradient(self, x: torch.Tensor, net: EnergyNet | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """(E (B,), g = d log p/du (B, C, H, W), patch energies (B, 4, 4) or None) at u = normalize(x).
+
+        With ``score_noise_samples`` the three are means over the fixed noisy copies x + noise_i.
+        """
+        net = net if net is not None else self.scoring_net
+        b = len(x)
+        noise = getattr(self, "score_noise", None)
+        if noise is not None:
+            x = (x[:, None] + noise[None].to(x)).flatten(0, 1)
+        feats: list[torch.Tensor] = []
+
+        def energy(u: torch.Tensor) -> torch.Tensor:
+            h = net.features(u)
+            feats.append(h)
+            return net.head(h)
+
+        e, g = energy_and_grad(energy, self.normalize(x))
+        patch = (
+            net.patch_contributions(feats[0].detach()).detach() if self.hparams.get("patch_energy") else None
+        )
+        if noise is not None:
+            n = len(noise)
+            e, g = e.view(b, n).mean(1), g.view(b, n, *g.shape[1:]).mean(1)
+            patch = patch.view(b, n, *patch.shape[1:]).mean(1) if patch is not None else None
+        return e, g, patch
 
     @property
     def stats_ready(self) -> bool:
@@ -107,21 +225,58 @@ class EBMModule(AnomalyModule):
         self.stats_count.fill_(count)
 
     # ---------------------------------------------------------------- training
-    def negatives(self, n: int, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-        """SGLD negatives; non-persistent chains start from uniform noise every step."""
+    def reset_chains(self) -> None:
+        """Reinitialize every persistent chain from uniform noise (a spike-recovery action)."""
+        if self.replay.numel():
+            gen = self.step_generator()
+            gen.manual_seed(gen.initial_seed() ^ 0x5EED)  # not the stream this step's chains used
+            self.replay = uniform_init(tuple(self.replay.shape), self.hparams.data_range, self.device, gen)
+
+    def augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Random flips and a global brightness gain of the positives (options ``aug_*``)."""
         hp = self.hparams
-        full = (n, *shape)
+        n, dev = len(x), x.device
+        if hp.get("aug_hflip", 0) > 0:
+            flip = torch.rand(n, device=dev, generator=gen) < hp.aug_hflip
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if hp.get("aug_vflip", 0) > 0:
+            flip = torch.rand(n, device=dev, generator=gen) < hp.aug_vflip
+            x = torch.where(flip[:, None, None, None], x.flip(-2), x)
+        if hp.get("aug_brightness", 0) > 0:  # gain on [0, 1] intensities, U[1 - b, 1 + b] per image
+            lo, hi = hp.data_range
+            gain = 1 + hp.aug_brightness * (2 * torch.rand(n, 1, 1, 1, device=dev, generator=gen) - 1)
+            x = (((x - lo) / (hi - lo) * gain).clamp(0, 1) * (hi - lo) + lo).to(x.dtype)
+        return x
+
+    def chain_starts(self, data: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Fresh chain starts: uniform noise (the paper), or with ``chain_init=data`` the positives plus
+        Gaussian noise of std ``chain_init_noise`` (contrastive divergence from the data, Hinton 2002)."""
+        hp = self.hparams
+        if hp.get("chain_init", "uniform") == "data":
+            noise = torch.randn(data.shape, device=data.device, dtype=data.dtype, generator=gen)
+            return (data + hp.chain_init_noise * noise).clamp(*hp.data_range)
+        return uniform_init(tuple(data.shape), hp.data_range, self.device, gen)
+
+    def negatives(self, data: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """SGLD negatives for the positives ``data``: non-persistent chains start fresh every step
+        (:meth:`chain_starts`); persistent ones continue from the replay buffer, ``reinit_prob`` of them fresh."""
+        hp = self.hparams
+        n, shape = len(data), tuple(data.shape[1:])
         if hp.persistent:
             if self.replay.numel() == 0:
                 self.replay = uniform_init((hp.buffer_size, *shape), hp.data_range, self.device, gen)
             idx = torch.randint(0, len(self.replay), (n,), device=self.device, generator=gen)
             x0 = self.replay[idx]
             fresh = torch.rand(n, device=self.device, generator=gen) < hp.reinit_prob
-            x0[fresh] = uniform_init(full, hp.data_range, self.device, gen)[fresh]
+            x0[fresh] = self.chain_starts(data, gen)[fresh]
         else:
-            x0 = uniform_init(full, hp.data_range, self.device, gen)
+            x0 = self.chain_starts(data, gen)
+        stats: dict[str, torch.Tensor] = {}
         with frozen(self.net):
-            x = sgld_sample(self.net, x0, hp.sgld_steps, hp.sgld_step_size, hp.sgld_noise, hp.data_range, gen)
+            x = sgld_sample(self, x0, hp.sgld_steps, hp.sgld_step_size, hp.sgld_noise, hp.data_range, gen,
+                            step_size_end=hp.get("sgld_step_size_end"), noise_std_end=hp.get("sgld_noise_end"),
+                            stats=stats)  # fmt: skip
+        self.train_diagnostics["sgld_grad_norm"] = stats["grad_norm"]
         if hp.persistent:
             self.replay[idx] = x
         return x
@@ -130,21 +285,40 @@ class EBMModule(AnomalyModule):
         hp = self.hparams
         x_pos = batch["image"]
         gen = self.step_generator()
+        x_pos = self.augment(x_pos, gen)
         if hp.data_noise > 0:
             noise = torch.randn(x_pos.shape, device=x_pos.device, dtype=x_pos.dtype, generator=gen)
             x_pos = x_pos + hp.data_noise * noise
-        x_neg = self.negatives(len(x_pos), tuple(x_pos.shape[1:]), gen)
-        e_pos, e_neg = self.net(x_pos), self.net(x_neg)
+        x_neg = self.negatives(x_pos, gen)
+        e_pos, e_neg = self(x_pos), self(x_neg)
         report_values(self, sgld_samples=x_neg, energy_pos=e_pos, energy_neg=e_neg)
         cd = e_pos.mean() - e_neg.mean()
         loss = cd + hp.alpha * (e_pos.pow(2) + e_neg.pow(2)).mean() if hp.alpha > 0 else cd
+        self.train_diagnostics.update(x_pos=x_pos.detach(), x_neg=x_neg, energy_pos=e_pos.detach(),
+                                      energy_neg=e_neg.detach(), cd=cd.detach())  # fmt: skip
         self.log_dict(
-            {"train/loss": loss, "train/cd": cd, "train/energy_pos": e_pos.mean(), "train/energy_neg": e_neg.mean()},
+            {"train/loss": loss, "train/cd": cd, "train/energy_pos": e_pos.mean(), "train/energy_neg": e_neg.mean(),
+             "train/energy_gap": e_neg.mean() - e_pos.mean(), "train/sgld_grad_norm": self.train_diagnostics["sgld_grad_norm"]},
             prog_bar=False, on_step=True, on_epoch=False, batch_size=len(x_pos),
         )  # fmt: skip
         self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True,
                  batch_size=len(x_pos))  # fmt: skip
         return loss
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if (
+            self.net_ema is not None
+        ):  # here, not in on_train_batch_end: step checkpoints are written before that
+            self.update_ema()
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """net_ema <- decay * net_ema + (1 - decay) * net (parameters); buffers copied."""
+        ema, cur = list(self.net_ema.parameters()), [p.detach() for p in self.net.parameters()]
+        torch._foreach_lerp_(ema, cur, 1.0 - float(self.hparams.ema_decay))
+        for b_ema, b in zip(self.net_ema.buffers(), self.net.buffers(), strict=True):
+            b_ema.copy_(b)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -180,35 +354,66 @@ class EBMModule(AnomalyModule):
                 "gradient statistics are not fitted: train with the StatisticsCallback, or load a "
                 "checkpoint written after fit (checkpoints/last.ckpt)"
             )
-        energy, grad = energy_and_grad(self.net, x)
-        return compute_scores(energy, grad, self.grad_mean, self.grad_std, self.hparams.score_eps)
+        energy, grad, patch = self.gradient(x)
+        if patch is not None:
+            patch = (patch - self.patch_mean) / (self.patch_std + 1e-6 * self.patch_std.mean())
+        sigmas = self.hparams.get("map_sigmas")
+        return compute_scores(energy, grad, self.grad_mean, self.grad_std, self.hparams.score_eps,
+                              map_sigmas=tuple(sigmas) if sigmas else None, patch=patch)  # fmt: skip
 
     def scorer(self) -> nn.Module:
-        """x -> (a_std_l2 map, A_std_l2 score, energy), input gradient written out (ONNX-exportable)."""
-        return EBMScorer(self.net, self.grad_mean, self.grad_std, self.hparams.score_eps)
+        """x -> (default map, default image score, energy), input gradient written out (ONNX-exportable)."""
+        hp = self.hparams
+        return EBMScorer(self.scoring_net, self.grad_mean, self.grad_std, hp.score_eps,
+                         input_norm=hp.get("input_norm", "none"), noise=getattr(self, "score_noise", None),
+                         pixel_map=self.DEFAULT_PIXEL_MAP, image_score=self.DEFAULT_IMAGE_SCORE,
+                         map_sigmas=hp.get("map_sigmas"))  # fmt: skip
 
     def fit_statistics(self, batches: Iterable[dict[str, torch.Tensor]], reduce_sum: ReduceSum | None = None
                        ) -> dict[str, Any]:  # fmt: skip
-        """Per-pixel, per-channel mean/std of g(x) over the training images (float64, summed over ranks)."""
+        """Per-pixel, per-channel mean/std of g(x) over the training images (float64, summed over ranks).
+
+        With ``patch_energy`` also the per-position mean/std of the patch energies.
+        """
         acc = MomentAccumulator(tuple(self.grad_mean.shape), device=self.device)
+        pacc = MomentAccumulator((4, 4), device=self.device) if self.hparams.get("patch_energy") else None
         was_training = self.training
         self.eval()
+        lo, hi = self.hparams.data_range
+        gains = [float(v) for v in (self.hparams.get("stats_gains") or [1.0])]
         for batch in batches:
-            _, g = energy_and_grad(self.net, batch["image"].to(self.device))
-            acc.update(g)
+            x = batch["image"].to(self.device)
+            for gain in gains:  # stats_gains: the statistics also cover these global brightness changes
+                xg = x if gain == 1.0 else (((x - lo) / (hi - lo) * gain).clamp(0, 1) * (hi - lo) + lo)
+                _, g, patch = self.gradient(xg)
+                acc.update(g)
+                if pacc is not None:
+                    pacc.update(patch)
         self.train(was_training)
         if reduce_sum is not None:
             acc.all_reduce(reduce_sum)
+            if pacc is not None:
+                pacc.all_reduce(reduce_sum)
         mean, std = acc.mean_std()
         self.set_gradient_stats(mean, std, float(acc.count))
-        return {"mean": self.grad_mean.cpu(), "std": self.grad_std.cpu(), "count": float(acc.count)}
+        out = {"mean": self.grad_mean.cpu(), "std": self.grad_std.cpu(), "count": float(acc.count)}
+        if pacc is not None:
+            pmean, pstd = pacc.mean_std()
+            self.patch_mean.copy_(pmean.to(self.patch_mean))
+            self.patch_std.copy_(pstd.to(self.patch_std))
+            out.update(patch_mean=self.patch_mean.cpu(), patch_std=self.patch_std.cpu())
+        return out
 
     def pixel_threshold_rule(self, good_maps: torch.Tensor, quantile: float) -> float:
-        """The paper's three-sigma rule (Fig. 3) on the standardized map, at the same false-alarm rate."""
+        """The paper's three-sigma rule (Fig. 3) on the standardized L2 map; other maps: the quantile."""
+        if self.DEFAULT_PIXEL_MAP != "a_std_l2":
+            return super().pixel_threshold_rule(good_maps, quantile)
         return three_sigma_threshold(self.hparams.in_channels, norm=2)
 
     def map_scale(self, name: str) -> float:
         """Typical magnitude of each pixel map, from the training statistics (binned AUROC only)."""
+        if name in ("a_ms", "e_patch"):
+            return self.hparams.in_channels**0.5 if name == "a_ms" else 1.0
         kind, r = name.split("_")[1], int(name[-1])
         if kind == "std":
             return self.hparams.in_channels ** (1.0 / r)

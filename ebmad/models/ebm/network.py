@@ -43,3 +43,27 @@ class EnergyNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Energy per sample, shape (B,)."""
         return self.body(x).flatten(1).squeeze(1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map h (B, C, 4, 4), before the final 4x4 conv (the energy head)."""
+        return self.body[:-1](x)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Energy (B,) from the last feature map."""
+        return self.body[-1](h).flatten(1).squeeze(1)
+
+    def patch_contributions(self, h: torch.Tensor) -> torch.Tensor:
+        """The energy split over the 4x4 positions of the last feature map, (B, 4, 4), bias left out.
+
+        The head is linear, so E(x) = bias + sum of these: each entry is the energy of one receptive-field
+        patch of the input (at 128x128 a 4x4 grid of overlapping patches).
+        """
+        return (h * self.body[-1].weight[0]).sum(1)
+
+
+def apply_spectral_norm(net: EnergyNet) -> EnergyNet:
+    """Spectral normalization (Miyato et al.) of every conv of ``net``, in place."""
+    for i, m in enumerate(net.body):
+        if isinstance(m, nn.Conv2d):
+            net.body[i] = nn.utils.parametrizations.spectral_norm(m)
+    return net

@@ -6,13 +6,22 @@ standard deviation of g over the training set.
 Eq. 2, pixel map:   a_r(x)[i, j] = ( sum_c |g[c, i, j]|^r )^(1/r)
 Eq. 3, image score: A_r(x)       = ( sum_{i,j} a_r(x)[i, j]^r )^(1/r)
 computed for r in {1, 2}, on the raw (g) and standardized (g_std) maps.
+
+Options beyond the paper (each off by default; the paper's scores are always computed):
+- ``a_ms`` / ``A_ms_max``: a multi-scale map, the mean of the standardized L2 map blurred with Gaussians
+  of several sigmas (sigma 0: the map itself), and its maximum as an image score;
+- ``e_patch`` / ``E_patch_max``: the energy split over the last feature map's 4x4 positions (each the
+  energy of one receptive-field patch), standardized per position with the training set's statistics;
+  the map is that grid upsampled, the image score its maximum.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 NORMS = (1, 2)
 KINDS = ("raw", "std")
@@ -57,8 +66,14 @@ def compute_scores(
     mean: torch.Tensor,
     std: torch.Tensor,
     eps: float = 1e-6,
+    map_sigmas: tuple[float, ...] | None = None,
+    patch: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """All image scores (B,) and pixel maps (B, H, W) of one batch, in one pass."""
+    """All image scores (B,) and pixel maps (B, H, W) of one batch, in one pass.
+
+    ``map_sigmas`` adds the multi-scale map ``a_ms`` and ``A_ms_max``; ``patch`` (B, h, w), standardized
+    patch energies, adds ``e_patch`` and ``E_patch_max``.
+    """
     maps: dict[str, torch.Tensor] = {}
     images: dict[str, torch.Tensor] = {"energy": energy}
     for kind, g in (("raw", grad), ("std", standardize(grad, mean, std, eps))):
@@ -66,7 +81,50 @@ def compute_scores(
             a = pnorm(g, r, dims=(1,))  # eq. 2: over channels
             maps[f"a_{kind}_l{r}"] = a
             images[f"A_{kind}_l{r}"] = pnorm(a, r, dims=(1, 2))  # eq. 3: over pixels
+    if map_sigmas:
+        maps["a_ms"] = multiscale_map(maps["a_std_l2"], map_sigmas)
+        images["A_ms_max"] = maps["a_ms"].amax(dim=(1, 2))
+    if patch is not None:
+        maps["e_patch"] = F.interpolate(patch[:, None], size=grad.shape[-2:], mode="bilinear",
+                                        align_corners=False)[:, 0]  # fmt: skip
+        images["E_patch_max"] = patch.amax(dim=(1, 2))
     return images, maps
+
+
+def instance_normalize(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """Per-image standardization over (C, H, W): one mean and one std per image, so colour relations stay.
+
+    A global gain and offset of the image (x -> a x + b, a > 0: a brightness change) leaves it unchanged
+    up to ``eps``.
+    """
+    m = x.mean(dim=(1, 2, 3), keepdim=True)
+    s = (x - m).pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt()
+    return (x - m) / (s + eps)
+
+
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    """Normalized 1-D Gaussian, radius ceil(3 sigma)."""
+    r = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return k / k.sum()
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of maps (B, H, W) with reflect padding (ONNX-exportable ops only)."""
+    if sigma <= 0:
+        return maps
+    k = gaussian_kernel(sigma).to(maps)
+    r = len(k) // 2
+    x = maps[:, None]
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
+    return x[:, 0]
+
+
+def multiscale_map(a: torch.Tensor, sigmas: tuple[float, ...]) -> torch.Tensor:
+    """Mean of the map blurred at each sigma (0: unblurred): a Gaussian scale-space average."""
+    return torch.stack([gaussian_blur(a, float(s)) for s in sigmas]).mean(0)
 
 
 class MomentAccumulator:
