@@ -74,17 +74,28 @@ class RobustZScore:
 
     :meth:`update` takes one step's scalars. A value is a spike when it is not finite (always, warmup
     included) or when ``|z| > z_threshold`` after ``warmup`` accepted steps. A step with a spike on any
-    quantity is not accepted: none of its values enter the windows.
+    quantity is not accepted: none of its values enter the windows. A spike is sporadic by nature: when
+    ``patience`` consecutive steps are out of line with finite values, the level has shifted (e.g. the
+    energies of unregularized contrastive divergence drifting), and the windows restart from those steps'
+    values (``shifts`` counts it), so that detection goes on relative to the new level instead of flagging
+    every later step.
     """
 
-    def __init__(self, window: int = 100, warmup: int = 20, z_threshold: float = 8.0) -> None:
+    def __init__(
+        self, window: int = 100, warmup: int = 20, z_threshold: float = 8.0, patience: int = 10
+    ) -> None:
         if window < MIN_WINDOW:
             raise ValueError(f"window must be >= {MIN_WINDOW}, got {window}")
         if warmup < 0 or z_threshold <= 0:
             raise ValueError(f"warmup must be >= 0 and z_threshold > 0, got {warmup}, {z_threshold}")
         self.window, self.warmup, self.z_threshold = int(window), int(warmup), float(z_threshold)
+        if patience < MIN_WINDOW:
+            raise ValueError(f"patience must be >= {MIN_WINDOW}, got {patience}")
+        self.patience = int(patience)
         self.values: dict[str, deque[float]] = {}
         self.accepted = 0  # steps accepted so far
+        self.run: list[dict[str, float]] = []  # the current run of consecutive rejected (finite) steps
+        self.shifts = 0  # level shifts: windows restarted from a run of rejected steps
 
     def update(self, values: Mapping[str, float], step: int = -1) -> list[SpikeEvent]:
         """Check one step's values; add them to the windows when none is a spike. Returns the spikes."""
@@ -103,14 +114,29 @@ class RobustZScore:
             for name, v in values.items():
                 self.values[name].append(float(v))
             self.accepted += 1
+            self.run = []
+        elif all(math.isfinite(v) for v in values.values()):
+            self.run.append({k: float(v) for k, v in values.items()})
+            if len(self.run) >= self.patience:  # not a spike but a new level: restart the windows there
+                self.values = {k: deque((r[k] for r in self.run), maxlen=self.window) for k in values}
+                self.run = []
+                self.shifts += 1
+                log.warning("level shift at step %d: %s out of line for %d steps in a row; the detector's window "
+                            "restarts from these values", step, ", ".join(e.quantity for e in events),
+                            self.patience)  # fmt: skip
+        else:
+            self.run = []
         return events
 
     def state_dict(self) -> dict[str, Any]:
-        return {"values": {k: list(v) for k, v in self.values.items()}, "accepted": self.accepted}
+        return {"values": {k: list(v) for k, v in self.values.items()}, "accepted": self.accepted, "run": self.run,
+                "shifts": self.shifts}  # fmt: skip
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.values = {k: deque(v, maxlen=self.window) for k, v in state.get("values", {}).items()}
         self.accepted = int(state.get("accepted", 0))
+        self.run = [dict(r) for r in state.get("run", [])]
+        self.shifts = int(state.get("shifts", 0))
 
 
 # ---------------------------------------------------------------------------------- csv rows
@@ -205,7 +231,7 @@ class SpikeGuard(pl.Callback):
 
     def __init__(self, policy: Sequence[str] | None = None, z_threshold: float = 8.0, window: int = 100,
                  warmup: int = 20, snapshot_every: int = 50, lr_factor: float = 0.5, max_events: int | None = 50,
-                 csv_path: str | None = None) -> None:  # fmt: skip
+                 csv_path: str | None = None, patience: int = 10) -> None:  # fmt: skip
         policy = ["skip"] if policy is None else [str(p) for p in policy]
         bad = [p for p in policy if p not in POLICIES]
         if bad:
@@ -217,7 +243,7 @@ class SpikeGuard(pl.Callback):
         if max_events is not None and max_events < 0:
             raise ValueError(f"callbacks.spikes.max_events must be >= 0 or null, got {max_events}")
         self.policy = policy
-        self.detector = RobustZScore(window, warmup, z_threshold)
+        self.detector = RobustZScore(window, warmup, z_threshold, patience)
         self.snapshot_every = int(snapshot_every)
         self.lr_factor = float(lr_factor)
         self.max_events = max_events or None

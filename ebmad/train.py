@@ -369,15 +369,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                                       "global_step": trainer.global_step, "signal": signum,
                                                       "resumed_from_step": start_step})  # fmt: skip
                 raise Preempted(signum, trainer.global_step)
-        if dm.val_fraction > 0:
+        if cfg.test:
+            t0 = time.perf_counter()
+            trainer.test(model, datamodule=dm, verbose=False)
+            timings["test"] = time.perf_counter() - t0
+        if dm.val_fraction > 0:  # after the test: with refit_stats, scored with the same (refitted) statistics
             validation = {f"validation/{k}": v for k, v in model.evaluate(dm.validation_dataloader()).items()}
             for lg in loggers:
                 lg.log_metrics(validation, step=trainer.global_step)
             log.info("validation (held-out good + planted defects): %s", validation)
         if cfg.test:
-            t0 = time.perf_counter()
-            trainer.test(model, datamodule=dm, verbose=False)
-            timings["test"] = time.perf_counter() - t0
             if trainer.is_global_zero:
                 extra = {"validation": validation, "resumed_from_step": start_step if cfg.train else None}
                 extra.update(evaluate_test_set(cfg, model, dm, trainer, loggers, out, timings))

@@ -122,20 +122,28 @@ def run_one(recipe: str, category: str, seed: int, a: argparse.Namespace) -> dic
         trained = json.loads((run_dir / "results.json").read_text())
         res["timings_s"]["fit"] = trained["timings_s"].get("fit", float("nan"))
     shifted: dict[float, float] = {}
+    shifted_metrics: dict[float, dict[str, float]] = {}
     for gain in GAINS:
         sub = out / f"gain{gain}"
         sargs = ["-m", "ebmad.train", *common, *settings, *evaluate, f"data.test_good_gain={gain}",
                  "eval.untrained_reference=false", f"hydra.run.dir={sub}"]  # fmt: skip
         _run(sargs, a.threads, out / f"gain{gain}.log")
         sres = sub / "results.json"
-        shifted[gain] = json.loads(sres.read_text())["image_auroc"] if sres.is_file() else float("nan")
+        sr = json.loads(sres.read_text()) if sres.is_file() else {}
+        shifted[gain] = sr.get("image_auroc", float("nan"))
+        shifted_metrics[gain] = sr.get("metrics", {})
     wall = time.perf_counter() - t0
     m, val = res["metrics"], res.get("validation") or {}
     ref = (res.get("reference") or {}).get("untrained") or {}
     spikes_csv = run_dir / "spikes.csv"
     n_spikes = max(0, len(spikes_csv.read_text().splitlines()) - 1) if spikes_csv.is_file() else 0
     scores = {  # every score: validation and test AUROC and the untrained reference's test AUROC
-        k: {"val": val.get(f"validation/{k}"), "test": m.get(k), "untrained": ref.get(k)}
+        k: {
+            "val": val.get(f"validation/{k}"),
+            "test": m.get(k),
+            "untrained": ref.get(k),
+            **{f"gain{g}": shifted_metrics[g].get(k) for g in GAINS},
+        }  # fmt: skip
         for k in m
         if k.startswith(("image_auroc/", "pixel_auroc/"))
     }
@@ -181,43 +189,66 @@ def select(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def summary(rows: list[dict[str, Any]]) -> None:
+    """Markdown tables: the validation-chosen scores per recipe, then recipe x category (mean ± std over seeds)."""
     table = select(rows)
-    best_per_recipe = {}
-    for d in table:
-        best_per_recipe.setdefault(d["recipe"], d)
-    print("\nBest (image score, pixel map) per recipe by the label-free validation score "
-          "(mean of validation image and pixel AUROC); test numbers are means over categories and seeds")  # fmt: skip
-    print(f"{'recipe':11s} {'image score':12s} {'pixel map':9s} {'valid.':>6s} {'test img':>8s} {'untr.':>6s} "
-          f"{'test pix':>8s} {'untr.':>6s}")  # fmt: skip
-    for d in best_per_recipe.values():
-        print(f"{d['recipe']:11s} {d['image_score']:12s} {d['pixel_map']:9s} {d['validation']:6.3f} "
-              f"{d['test_image']:8.3f} {d['untrained_image']:6.3f} {d['test_pixel']:8.3f} {d['untrained_pixel']:6.3f}")  # fmt: skip
     if not table:
         return
+    best: dict[str, dict[str, Any]] = {}
+    for d in table:
+        best.setdefault(d["recipe"], d)
+    dev = sorted({r["device"] for r in rows})
+    print(f"\nDevice: {'; '.join(dev)}. Validation score: mean of validation image and pixel AUROC (held-out good "
+          "images and planted defects; no test label). Test numbers: means over categories and seeds.\n")  # fmt: skip
+    print(
+        "| recipe | image score | pixel map | validation | test image AUROC | untrained | test pixel AUROC | untrained |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for d in best.values():
+        print(f"| {d['recipe']} | {d['image_score']} | {d['pixel_map']} | {d['validation']:.3f} | {d['test_image']:.3f} | "
+              f"{d['untrained_image']:.3f} | {d['test_pixel']:.3f} | {d['untrained_pixel']:.3f} |")  # fmt: skip
     b = table[0]
     print(
-        f"chosen by validation: recipe {b['recipe']}, image score {b['image_score']}, pixel map {b['pixel_map']}"
+        f"\nChosen by validation: recipe **{b['recipe']}**, image score {b['image_score']}, pixel map {b['pixel_map']}.\n"
     )
-    print("\nPer recipe and category (mean ± std over seeds) with each recipe's validation-chosen scores; untrained = "
-          "same network at its initial weights; gain = image AUROC of the default score A_std_l2 with the good test "
-          "images darkened/brightened")  # fmt: skip
-    print(f"{'recipe':11s} {'category':8s} {'n':>2s} {'image':>13s} {'untr.':>6s} {'pixel':>13s} {'untr.':>6s} "
-          f"{'paper':>6s} {'A_std_l2':>8s} {'gain.92':>7s} {'gain1.08':>8s} {'spikes':>6s}")  # fmt: skip
-    for recipe, d in best_per_recipe.items():
+    print("| recipe | category | seeds | image AUROC | untrained | pixel AUROC | untrained | paper pixel | A_std_l2 / a_std_l2 "
+          "| image AUROC (chosen score), good images x0.92 / x1.08 | spikes |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for recipe, d in best.items():
         for cat in dict.fromkeys(r["category"] for r in rows):
             runs = [r for r in rows if r["recipe"] == recipe and r["category"] == cat]
             if not runs:
                 continue
             sc = [json.loads(r["scores_json"]) for r in runs]
             col = lambda key, part="test", sc=sc: [float(x[key][part]) for x in sc]  # noqa: E731
-            ms = lambda v: f"{statistics.fmean(v):.3f}±{statistics.pstdev(v):.3f}"  # noqa: E731
+            ms = lambda v: f"{statistics.fmean(v):.3f} ± {statistics.pstdev(v):.3f}"  # noqa: E731
             mean = lambda v: f"{statistics.fmean(v):.3f}"  # noqa: E731
             i, p = f"image_auroc/{d['image_score']}", f"pixel_auroc/{d['pixel_map']}"
-            fl = lambda k, runs=runs: [float(r[k]) for r in runs]  # noqa: E731
-            print(f"{recipe:11s} {cat:8s} {len(runs):2d} {ms(col(i)):>13s} {mean(col(i, 'untrained')):>6s} "
-                  f"{ms(col(p)):>13s} {mean(col(p, 'untrained')):>6s} {str(runs[0]['paper_pixel_auroc']):>6s} "
-                  f"{mean(col('image_auroc/A_std_l2')):>8s} {mean(fl('image_auroc_gain0.92')):>7s} "
-                  f"{mean(fl('image_auroc_gain1.08')):>8s} {sum(int(r['spikes']) for r in runs):6d}")  # fmt: skip
+            print(f"| {recipe} | {cat} | {len(runs)} | {ms(col(i))} | {mean(col(i, 'untrained'))} | {ms(col(p))} | "
+                  f"{mean(col(p, 'untrained'))} | {runs[0]['paper_pixel_auroc']} | {mean(col('image_auroc/A_std_l2'))} / "
+                  f"{mean(col('pixel_auroc/a_std_l2'))} | {mean(col(i, 'gain0.92'))} / "
+                  f"{mean(col(i, 'gain1.08'))} | {sum(int(r['spikes']) for r in runs)} |")  # fmt: skip
+
+
+def backfill(path: Path = CSV_PATH) -> None:
+    """Rows written before every score's shifted AUROC was recorded: add it from ``<run>/gain*/results.json``."""
+    with path.open() as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:
+        out = LOG_DIR / f"{r['recipe']}-{r['category']}-s{r['seed']}"
+        scores = json.loads(r["scores_json"])
+        for g in GAINS:
+            res = out / f"gain{g}" / "results.json"
+            if int(r["size"]) == 64 and res.is_file():
+                metrics = json.loads(res.read_text())["metrics"]
+                for k in scores:
+                    scores[k].setdefault(f"gain{g}", metrics.get(k))
+        r["scores_json"] = json.dumps(scores, separators=(",", ":"))
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
 
 
 def main() -> int:
@@ -235,7 +266,11 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=2, help="runs at the same time")
     ap.add_argument("--quick", action="store_true", help="3 steps, 16x16... a smoke test; nothing recorded")
     ap.add_argument("--summary", action="store_true", help="only print the selection from the recorded CSV")
+    ap.add_argument("--backfill", action="store_true",
+                    help="add every score's shifted-test AUROC to recorded rows from their run folders")  # fmt: skip
     a = ap.parse_args()
+    if a.backfill:
+        backfill()
     if a.summary:
         with CSV_PATH.open() as fh:
             rows = [r for r in csv.DictReader(fh) if int(r["size"]) == a.size and int(r["steps"]) == a.steps]

@@ -84,7 +84,7 @@ def test_reset_chains_redraws_the_replay_buffer():
 def test_a_checkpoint_is_scored_with_new_scoring_options_and_names_settings_it_ignores(
     make_cfg, tmp_path, caplog
 ):
-    fit = run(make_cfg("eval.untrained_reference=false", out=tmp_path / "fit"))
+    fit = run(make_cfg("eval.untrained_reference=false", "data.val_fraction=0.25", out=tmp_path / "fit"))
     ckpt = tmp_path / "fit" / "checkpoints" / "last.ckpt"
     with caplog.at_level("WARNING", logger="ebmad"):
         res = run(make_cfg("train=false", f"ckpt_path={ckpt}", "model.map_sigmas=[0,1]", "model.sgld_steps=7",
@@ -105,8 +105,11 @@ def test_a_checkpoint_is_scored_with_new_scoring_options_and_names_settings_it_i
             )
         )
     res = run(make_cfg("train=false", f"ckpt_path={ckpt}", "model.stats_gains=[0.9,1.0,1.1]", "refit_stats=true",
-                       "eval.untrained_reference=false", out=tmp_path / "refit"))  # fmt: skip
+                       "data.val_fraction=0.25", "eval.untrained_reference=false", out=tmp_path / "refit"))  # fmt: skip
     assert res["metrics"]["pixel_auroc/a_std_l2"] != pytest.approx(fit["metrics"]["pixel_auroc/a_std_l2"])
+    # the validation is scored with the refitted statistics too (not the checkpoint's)
+    key = "validation/pixel_auroc/a_std_l2"
+    assert res["validation"][key] != pytest.approx(fit["validation"][key], abs=1e-7)
 
 
 def test_stats_gains_fit_the_statistics_over_brightness_changed_copies():

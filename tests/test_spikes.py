@@ -132,6 +132,30 @@ def same_adam_state(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[i][k], b[i][k]) for i in a for k in a[i])
 
 
+def test_a_level_shift_restarts_the_window_instead_of_flagging_every_later_step():
+    """Energies of unregularized CD can drift to a new level: that is flagged `patience` times, not forever."""
+    rng = np.random.default_rng(1)
+    det = RobustZScore(window=50, warmup=20, z_threshold=8.0, patience=5)
+    for i in range(60):
+        assert det.update({"e": 1.0 + 0.01 * rng.standard_normal()}, step=i) == []
+    flagged = [bool(det.update({"e": 100.0 + 0.01 * rng.standard_normal()}, step=60 + i)) for i in range(20)]
+    assert flagged == [True] * 5 + [False] * 15 and det.shifts == 1
+    assert det.update({"e": 1.0}, step=80)  # back at the old level: out of line against the new one
+    state = det.state_dict()
+    resumed = RobustZScore(window=50, warmup=20, z_threshold=8.0, patience=5)
+    resumed.load_state_dict(copy.deepcopy(state))
+    assert (
+        resumed.run == det.run and resumed.shifts == 1 and list(resumed.values["e"]) == list(det.values["e"])
+    )
+    # a run broken by an accepted step does not count, nor do non-finite values
+    det = RobustZScore(window=50, warmup=3, z_threshold=8.0, patience=3)
+    for i in range(10):
+        det.update({"e": 1.0 + 0.01 * rng.standard_normal()}, step=i)
+    for v in (100.0, 100.0, 1.0, 100.0, float("nan"), 100.0):
+        det.update({"e": v})
+    assert det.shifts == 0
+
+
 def test_skip_leaves_weights_and_adam_state_unchanged(tmp_path):
     guard = SpikeGuard(policy=["skip"], warmup=3, csv_path=str(tmp_path / "spikes.csv"))
     rec = Recorder()
