@@ -35,6 +35,10 @@ METRICS = (
     ("pixel_ap", "Table 3: pixel-level average precision"),
     ("aupro", "Table 4: AUPRO (FPR <= 0.3)"),
 )
+EBM_EXTRA = {
+    "image_auroc": ("A_ms_max", "E_patch_max"),
+    "pixel_auroc": ("a_ms", "e_patch"),
+}  # options, when run
 EBM_VARIANTS = {
     "image_auroc": ("energy", "A_std_l1", "A_std_l2"),
     "pixel_auroc": ("a_std_l1", "a_std_l2"),
@@ -64,6 +68,9 @@ class Job:
     model: str = "ebm"
     headline: dict[str, float] = field(default_factory=dict)  # {metric: the model's headline value}
     untrained: dict[str, float] = field(default_factory=dict)  # the untrained reference's metrics (EBM)
+    scores: dict[str, str] = field(
+        default_factory=dict
+    )  # {"image_auroc": headline score, "pixel_auroc": map}
 
 
 def _split(override: str) -> tuple[str, str]:
@@ -157,7 +164,9 @@ def collect_jobs(sweep_dir: str | Path, categories: list[str] | None = None) -> 
         model = res.get("model") or _model_name(values.get(MODEL_KEY) or values.get("recipe", ""))
         jobs.append(Job(folder, category, _setting(overrides, sweep_keys), res.get("status", "incomplete"),
                         res.get("metrics", {}), res.get("error", ""), model, _headline(res),
-                        (res.get("reference") or {}).get("untrained", {})))  # fmt: skip
+                        (res.get("reference") or {}).get("untrained", {}),
+                        {"image_auroc": res.get("image_score", "A_std_l2"),
+                         "pixel_auroc": res.get("pixel_map", "a_std_l2")}))  # fmt: skip
     wanted = categories or expected_categories(sweep_dir)
     if not wanted and any(j.category in MVTEC_CATEGORIES for j in jobs):
         wanted = list(MVTEC_CATEGORIES)
@@ -250,32 +259,34 @@ def _variant_table(jobs: list[Job], kind: str, columns: tuple[str, ...], title: 
     return lines
 
 
-UNTRAINED_COLUMNS = (
-    ("image AUROC", "image_auroc", "image_auroc/A_std_l2"),
-    ("pixel AUROC", "pixel_auroc", "pixel_auroc/a_std_l2"),
-    ("AUPRO", "aupro", "aupro"),
-)
+UNTRAINED_COLUMNS = (("image AUROC", "image_auroc"), ("pixel AUROC", "pixel_auroc"), ("AUPRO", "aupro"))
+
+
+def _untrained_key(job: Job, metric: str) -> str:
+    """The untrained reference's value of the job's headline: the same score or map."""
+    name = job.scores.get(metric)
+    return f"{metric}/{name}" if name else metric
 
 
 def _untrained_table(jobs: list[Job]) -> list[str]:
     """What training adds: the trained EBM beside the same network at its initial weights."""
     head = ["category"]
-    for name, _, _ in UNTRAINED_COLUMNS:
+    for name, _ in UNTRAINED_COLUMNS:
         head += [f"{name} trained", "untrained", "Δ"]
     lines = ["**EBM: trained vs untrained reference (same network at its initial weights)**", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
     done = [j for j in jobs if j.status == "completed" and j.untrained]
     for j in done:
         cells = [j.category]
-        for _, ours_key, ref_key in UNTRAINED_COLUMNS:
-            ours, ref = j.headline.get(ours_key), j.untrained.get(ref_key)
+        for _, key in UNTRAINED_COLUMNS:
+            ours, ref = j.headline.get(key), j.untrained.get(_untrained_key(j, key))
             cells += [_fmt(ours), _fmt(ref), _delta(ours, ref)]
         lines.append("| " + " | ".join(cells) + " |")
     cells = [f"**mean** ({len(done)})"]
-    for _, ours_key, ref_key in UNTRAINED_COLUMNS:
+    for _, key in UNTRAINED_COLUMNS:
         ours, ref = (
-            _mean([j.headline.get(ours_key) for j in done]),
-            _mean([j.untrained.get(ref_key) for j in done]),
+            _mean([j.headline.get(key) for j in done]),
+            _mean([j.untrained.get(_untrained_key(j, key)) for j in done]),
         )
         cells += [_fmt(ours), _fmt(ref), _delta(ours, ref)]
     lines.append("| " + " | ".join(cells) + " |")
@@ -296,12 +307,12 @@ def render_markdown(jobs: list[Job], sweep_dir: Path) -> str:
                 out += _metric_table(sel, metric, title) + [""]
         ebm = [j for j in sel if j.model == "ebm"]
         if ebm:
-            out += _variant_table(
-                ebm, "image_auroc", EBM_VARIANTS["image_auroc"], "EBM image-score variants"
-            ) + [""]
-            out += _variant_table(
-                ebm, "pixel_auroc", EBM_VARIANTS["pixel_auroc"], "EBM pixel-map variants"
-            ) + [""]
+            for kind, title in (
+                ("image_auroc", "EBM image-score variants"),
+                ("pixel_auroc", "EBM pixel-map variants"),
+            ):
+                extra = tuple(c for c in EBM_EXTRA[kind] if any(f"{kind}/{c}" in j.metrics for j in ebm))
+                out += _variant_table(ebm, kind, EBM_VARIANTS[kind] + extra, title) + [""]
             if any(j.untrained for j in ebm):
                 out += _untrained_table(ebm) + [""]
     out.append("Published numbers: EBM per-category pixel AUROC from Genc et al. Table 2 (image AUROC only as a "

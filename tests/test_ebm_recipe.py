@@ -125,3 +125,28 @@ def test_stats_gains_fit_the_statistics_over_brightness_changed_copies():
     torch.testing.assert_close(model.grad_mean, ref.grad_mean, rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(model.grad_std, ref.grad_std, rtol=1e-5, atol=1e-8)
     assert float(model.stats_count) == 18
+
+
+def test_report_compares_the_headline_with_the_same_score_of_the_untrained_reference():
+    from ebmad.report import Job, _untrained_table, _variant_table
+
+    job = Job(None, "bottle", "s", "completed", metrics={"image_auroc/A_ms_max": 0.9, "pixel_auroc/a_ms": 0.8},
+              headline={"image_auroc": 0.9, "pixel_auroc": 0.8, "aupro": 0.5},
+              untrained={"image_auroc/A_ms_max": 0.7, "image_auroc/A_std_l2": 0.1, "pixel_auroc/a_ms": 0.6,
+                         "pixel_auroc/a_std_l2": 0.2, "aupro": 0.4},
+              scores={"image_auroc": "A_ms_max", "pixel_auroc": "a_ms"})  # fmt: skip
+    row = _untrained_table([job])[4]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells == [
+        "bottle",
+        "0.900",
+        "0.700",
+        "+0.200",
+        "0.800",
+        "0.600",
+        "+0.200",
+        "0.500",
+        "0.400",
+        "+0.100",
+    ]
+    assert "A_ms_max" in " ".join(_variant_table([job], "image_auroc", ("A_std_l2", "A_ms_max"), "t"))

@@ -3,6 +3,7 @@
 import csv
 import json
 
+import pytest
 import yaml
 from test_hydra import cli
 
@@ -62,6 +63,7 @@ def test_multirun_over_two_categories_then_report(synth_root, tmp_path):
     assert by_cat["mean"]["paper_image_auroc"] == "0.72"
 
 
+@pytest.mark.slow  # (make test-all) keeps the default run under 15 min on 2 cores
 def test_report_lists_categories_that_never_ran(synth_root, tmp_path):
     sweep = tmp_path / "sweep"
     assert cli(*sweep_args(synth_root, sweep, "tex_a")).returncode == 0
@@ -77,6 +79,7 @@ def test_report_lists_categories_that_never_ran(synth_root, tmp_path):
     ]
 
 
+@pytest.mark.slow  # (make test-all) keeps the default run under 15 min on 2 cores
 def test_rerunning_a_finished_sweep_skips_completed_jobs(synth_root, tmp_path):
     sweep = tmp_path / "sweep"
     args = sweep_args(synth_root, sweep)
@@ -124,6 +127,7 @@ def test_slurm_launcher_config_composes():
     assert cfg.hydra.sweeper.params["data.category"].count(",") == 14  # all 15 MVTec AD categories
 
 
+@pytest.mark.slow  # (make test-all) keeps the default run under 15 min on 2 cores
 def test_sweep_through_the_submitit_launcher(synth_root, tmp_path):
     # submitit's local executor: the same launcher plugin as SLURM, with jobs as separate processes
     sweep = tmp_path / "sweep"
