@@ -219,9 +219,12 @@ def summary(rows: list[dict[str, Any]]) -> None:
             if not runs:
                 continue
             sc = [json.loads(r["scores_json"]) for r in runs]
-            col = lambda key, part="test", sc=sc: [float(x[key][part]) for x in sc]  # noqa: E731
-            ms = lambda v: f"{statistics.fmean(v):.3f} ± {statistics.pstdev(v):.3f}"  # noqa: E731
-            mean = lambda v: f"{statistics.fmean(v):.3f}"  # noqa: E731
+
+            def col(key: str, part: str = "test", sc: list = sc) -> list[float]:
+                return [float(x[key][part]) for x in sc if x[key].get(part) is not None]
+
+            ms = lambda v: f"{statistics.fmean(v):.3f} ± {statistics.pstdev(v):.3f}" if v else "n/a"  # noqa: E731
+            mean = lambda v: f"{statistics.fmean(v):.3f}" if v else "n/a"  # noqa: E731
             i, p = f"image_auroc/{d['image_score']}", f"pixel_auroc/{d['pixel_map']}"
             print(f"| {recipe} | {cat} | {len(runs)} | {ms(col(i))} | {mean(col(i, 'untrained'))} | {ms(col(p))} | "
                   f"{mean(col(p, 'untrained'))} | {runs[0]['paper_pixel_auroc']} | {mean(col('image_auroc/A_std_l2'))} / "
