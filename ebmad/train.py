@@ -139,7 +139,9 @@ def load_for_test(cfg: DictConfig, dm: MVTecDataModule) -> AnomalyModule:
     """A module from a checkpoint with its own architecture; test-time options from the config."""
     kind = config_model_type(cfg)
     validate_checkpoint(cfg.ckpt_path, kind, dm.image_size, dm.num_channels)
-    stored = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False, mmap=True).get("hyper_parameters", {})
+    stored = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False, mmap=True).get(
+        "hyper_parameters", {}
+    )
     scoring = scoring_overrides(cfg, stored)
     model = model_class(kind).load_from_checkpoint(
         cfg.ckpt_path, map_location="cpu",
@@ -373,7 +375,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             t0 = time.perf_counter()
             trainer.test(model, datamodule=dm, verbose=False)
             timings["test"] = time.perf_counter() - t0
-        if dm.val_fraction > 0:  # after the test: with refit_stats, scored with the same (refitted) statistics
+        if (
+            dm.val_fraction > 0
+        ):  # after the test: with refit_stats, scored with the same (refitted) statistics
             validation = {f"validation/{k}": v for k, v in model.evaluate(dm.validation_dataloader()).items()}
             for lg in loggers:
                 lg.log_metrics(validation, step=trainer.global_step)
