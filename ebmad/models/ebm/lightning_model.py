@@ -265,7 +265,10 @@ class EBMModule(AnomalyModule):
         if hp.persistent:
             if self.replay.numel() == 0:
                 self.replay = uniform_init((hp.buffer_size, *shape), hp.data_range, self.device, gen)
-            idx = torch.randint(0, len(self.replay), (n,), device=self.device, generator=gen)
+            if n > len(self.replay):
+                raise ValueError(f"model.buffer_size ({len(self.replay)}) must be >= the batch size ({n})")
+            # distinct slots: with repeats, which chain a repeated slot keeps would depend on thread scheduling
+            idx = torch.randperm(len(self.replay), device=self.device, generator=gen)[:n]
             x0 = self.replay[idx]
             fresh = torch.rand(n, device=self.device, generator=gen) < hp.reinit_prob
             x0[fresh] = self.chain_starts(data, gen)[fresh]
