@@ -139,16 +139,14 @@ def load_for_test(cfg: DictConfig, dm: MVTecDataModule) -> AnomalyModule:
     """A module from a checkpoint with its own architecture; test-time options from the config."""
     kind = config_model_type(cfg)
     validate_checkpoint(cfg.ckpt_path, kind, dm.image_size, dm.num_channels)
-    stored = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False, mmap=True).get(
-        "hyper_parameters", {}
+    load = dict(
+        pixel_auroc_thresholds=cfg.model.get("pixel_auroc_thresholds"),
+        n_examples=cfg.model.get("n_examples", 8),
     )
-    scoring = scoring_overrides(cfg, stored)
-    model = model_class(kind).load_from_checkpoint(
-        cfg.ckpt_path, map_location="cpu",
-        pixel_auroc_thresholds=cfg.model.get("pixel_auroc_thresholds"), n_examples=cfg.model.get("n_examples", 8),
-        **scoring,
-    )  # fmt: skip
-    if scoring:
+    model = model_class(kind).load_from_checkpoint(cfg.ckpt_path, map_location="cpu", **load)
+    scoring = scoring_overrides(cfg, model.hparams)
+    if scoring:  # built again with them: they decide the module's scores and buffers
+        model = model_class(kind).load_from_checkpoint(cfg.ckpt_path, map_location="cpu", **load, **scoring)
         log.info("checkpoint %s scored with %s (scoring options; the weights are the checkpoint's)", cfg.ckpt_path,
                  ", ".join(f"model.{k}={v!r}" for k, v in scoring.items()))  # fmt: skip
     hp = model.hparams
@@ -175,7 +173,7 @@ REFIT_KEYS = ("stats_gains",)
 def scoring_overrides(cfg: DictConfig, stored: dict[str, Any]) -> dict[str, Any]:
     """``model.*`` scoring options that differ from the checkpoint's, to score it with (see ``SCORING_KEYS``)."""
     want = OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") is not None else {}
-    have = {k: stored.get(k) for k in SCORING_KEYS if k in want}  # (older checkpoints: the default, None)
+    have = {k: stored.get(k) for k in SCORING_KEYS if k in want}
     changed = {k: v for k, v in ignored_model_settings(cfg, have).items() if k in SCORING_KEYS}
     need_refit = [k for k in changed if k in REFIT_KEYS]
     if need_refit and not cfg.get("refit_stats"):
@@ -375,9 +373,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             t0 = time.perf_counter()
             trainer.test(model, datamodule=dm, verbose=False)
             timings["test"] = time.perf_counter() - t0
-        if (
-            dm.val_fraction > 0
-        ):  # after the test: with refit_stats, scored with the same (refitted) statistics
+        # after the test: with refit_stats, the validation is scored with the same (refitted) statistics
+        if dm.val_fraction > 0:
             validation = {f"validation/{k}": v for k, v in model.evaluate(dm.validation_dataloader()).items()}
             for lg in loggers:
                 lg.log_metrics(validation, step=trainer.global_step)
