@@ -23,6 +23,7 @@ demo: install
 	$(PY) -m ebmad.train experiment=quickstart
 
 # the three methods (EBM, DRAEM, SSAE) side by side on the synthetic category, tiny CPU settings, then the report
+# (report.md/.csv/.html in logs/compare_demo/sweeps/default; the last line names report.html)
 demo-compare: install
 	$(PY) -m ebmad.train experiment=compare_demo
 

@@ -17,6 +17,7 @@ from PIL import Image
 from ebmad.checkpointing import atomic_torch_save
 from ebmad.data.loader import DeviceBatchLoader
 from ebmad.evaluation.thresholds import THREE_SIGMA_QUANTILE
+from ebmad.guards import check_finite_values
 from ebmad.models.base import AnomalyModule
 
 log = logging.getLogger(__name__)
@@ -68,10 +69,14 @@ class StatisticsCallback(pl.Callback):
 
         with torch.no_grad():
             stats = pl_module.fit_statistics(dm.stats_dataloader(), reduce_sum)
+            check_finite_values(stats, "gradient statistics")  # the run ends as diverged, naming them
             good, self.threshold_source = good_images_for_thresholds(dm)
-            stats.update(pl_module.fit_thresholds(DeviceBatchLoader({"image": good}, dm.test_batch_size),
-                                                  self.image_quantile, self.pixel_quantile))  # fmt: skip
-        log.info("thresholds from %s: %s", self.threshold_source, stats)
+            thresholds = pl_module.fit_thresholds(DeviceBatchLoader({"image": good}, dm.test_batch_size),
+                                                  self.image_quantile, self.pixel_quantile)  # fmt: skip
+            check_finite_values(thresholds, "thresholds")
+            stats.update(thresholds)
+        log.info("thresholds from %s: %s", self.threshold_source,
+                 ", ".join(f"{k}={v:.4g}" for k, v in thresholds.items()))  # fmt: skip
         self.fitted_at_step = trainer.global_step
         if stats and self.stats_file is not None and trainer.is_global_zero:
             self.stats_file.parent.mkdir(parents=True, exist_ok=True)
@@ -105,7 +110,8 @@ class StatisticsCallback(pl.Callback):
 
 
 def good_images_for_thresholds(dm: Any) -> tuple[torch.Tensor, str]:
-    """Defect-free images never trained on when ``data.val_fraction`` > 0, else the training images.
+    """Defect-free images never trained on (``data.val_fraction`` > 0 or the layout's validation split, e.g.
+    a layout's ``validation/good``), else the training images.
 
     Every rank gets all of them (no sharding), so the thresholds agree across ranks.
     """
@@ -113,7 +119,10 @@ def good_images_for_thresholds(dm: Any) -> tuple[torch.Tensor, str]:
     val = getattr(dm, "val_data", None)
     if val is not None:
         good = val["image"][val["label"] == 0]
-        return good, f"{len(good)} held-out defect-free images (data.val_fraction)"
+        source = (
+            "data.val_fraction" if getattr(dm, "val_fraction", 0) > 0 else "the dataset's validation split"
+        )
+        return good, f"{len(good)} held-out defect-free images ({source})"
     return train, f"the {len(train)} training images (set data.val_fraction > 0 to hold some out)"
 
 
@@ -130,13 +139,15 @@ def _heat(m: torch.Tensor, lo: float, hi: float) -> np.ndarray:
     return (rgb * 255).round().astype(np.uint8)
 
 
-def example_panels(examples: dict[str, torch.Tensor], threshold: float = float("nan")) -> list[np.ndarray]:
+def example_panels(examples: dict[str, torch.Tensor], threshold: float = float("nan"), min_size: int = 256
+                   ) -> list[np.ndarray]:  # fmt: skip
     """One RGB strip per example: image | ground-truth mask | anomaly map (the model's default map).
 
     The map's colours run from 0 to twice the pixel ``threshold`` (fixed, so a good image looks calm and
     two maps can be compared); without a fitted threshold, from 0 to the examples' 99.9th percentile.
+    Each panel is enlarged by an integer factor (nearest neighbour) to at least ``min_size`` pixels.
     """
-    if not examples:
+    if not examples or not len(examples.get("image", ())):
         return []
     maps = examples["map"]
     hi = (
@@ -147,27 +158,51 @@ def example_panels(examples: dict[str, torch.Tensor], threshold: float = float("
     panels = []
     for img, mask, m in zip(examples["image"], examples["mask"], maps, strict=True):
         gt = np.repeat((mask.numpy()[..., None] * 255).astype(np.uint8), 3, axis=2)
-        panels.append(np.concatenate([_to_rgb(img), gt, _heat(m, 0.0, hi)], axis=1))
+        strip = np.concatenate([_to_rgb(img), gt, _heat(m, 0.0, hi)], axis=1)
+        k = max(1, math.ceil(min_size / max(1, strip.shape[0])))
+        panels.append(strip.repeat(k, axis=0).repeat(k, axis=1) if k > 1 else strip)
     return panels
 
 
 class AnomalyMapLogger(pl.Callback):
-    """After test: writes example panels as PNG to ``<out>/maps`` and logs them to W&B if in use."""
+    """After test: writes example panels as PNG to ``<out>/maps`` and logs them to W&B if in use.
 
-    def __init__(self, out_dir: str) -> None:
+    The examples are the sweep report's: the first good image and the first of each defect type (then the
+    next of each), ``model.n_examples`` of them, each panel at least 256 px.
+    """
+
+    def __init__(self, out_dir: str, min_size: int = 256) -> None:
         self.out_dir = Path(out_dir)
+        self.min_size = min_size
+
+    @staticmethod
+    def selected_examples(trainer: pl.Trainer, pl_module: AnomalyModule
+                          ) -> tuple[dict[str, torch.Tensor], list[str]]:  # fmt: skip
+        """The report's example selection (good + each defect type, :mod:`ebmad.evaluation.examples`), else
+        the module's own examples; returns them and their captions."""
+        from ebmad.evaluation.examples import run_examples
+
+        dm = trainer.datamodule
+        if pl_module.test_results and dm is not None and getattr(dm, "test_meta", None):
+            ex = run_examples(pl_module, dm, curves=False)
+            images = torch.from_numpy(ex["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1
+            chosen = {"image": images, "mask": torch.from_numpy(ex["masks"]),
+                      "map": torch.from_numpy(ex["maps"].astype(np.float32)), "index": torch.from_numpy(ex["index"])}  # fmt: skip
+            names = [f"test #{i} ({d})" for i, d in zip(ex["index"].tolist(), ex["defects"], strict=True)]
+            return chosen, names
+        ex = pl_module.examples
+        return ex, [f"test #{i}" for i in ex.get("index", torch.zeros(0)).tolist()]
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: AnomalyModule) -> None:
         if not trainer.is_global_zero:
             return
-        panels = example_panels(pl_module.examples, float(pl_module.pixel_threshold))
+        examples, names = self.selected_examples(trainer, pl_module)
+        panels = example_panels(examples, float(pl_module.pixel_threshold), self.min_size)
         if not panels:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        names = []
-        for i, (p, idx) in enumerate(zip(panels, pl_module.examples["index"].tolist(), strict=True)):
-            Image.fromarray(p).save(self.out_dir / f"example_{i:02d}_test{idx:04d}.png")
-            names.append(f"test #{idx}")
+        for i, (p, idx) in enumerate(zip(panels, examples["index"].tolist(), strict=True)):
+            Image.fromarray(p).save(self.out_dir / f"example_{i:02d}_test{int(idx):04d}.png")
         for logger in trainer.loggers:
             if isinstance(logger, pl.loggers.WandbLogger):
                 logger.log_image("test/anomaly_maps", images=list(panels), caption=names)

@@ -3,8 +3,14 @@
 - :class:`AtomicCheckpointIO` (Lightning plugin) and :func:`atomic_torch_save` write to a temporary
   file in the target's folder, flush and fsync it, ``os.replace`` it onto the final name and fsync the
   folder: whenever the process dies, the final name holds the old file or the new one, never a part.
+- :func:`load_checkpoint_file` is the one way ebmad reads a checkpoint or statistics file: ``torch.load``
+  with ``weights_only=True`` (tensors and plain containers only; the allowlist ``ALLOWED_GLOBALS`` of extra
+  types is empty because ebmad writes nothing else). A file whose pickle names any other type (a class, a
+  function such as ``os.system``) is refused with :class:`UnsafeCheckpointError` naming the file and the
+  types, and nothing in it runs. Lightning's loaders are routed through it (``AtomicCheckpointIO`` and
+  :func:`load_module_checkpoint`).
 - :func:`validate_checkpoint` loads a checkpoint or raises :class:`CheckpointError` saying which file
-  and what is wrong (missing, empty, not a checkpoint, truncated, another model type or size).
+  and what is wrong (missing, empty, not a checkpoint, truncated, unsafe, another model type or size).
 - :func:`pick_resume_checkpoint` chooses the newest valid checkpoint of a folder and sets damaged
   ones aside as ``<name>.damaged-<timestamp>``.
 """
@@ -31,6 +37,12 @@ DAMAGED_MARK = ".damaged-"
 LOAD_ERRORS = (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile)
 
 
+# Types beyond torch's weights-only defaults (tensors, dicts, lists, tuples, OrderedDict, Counter, numbers,
+# strings, torch dtypes/devices/sizes) that an ebmad checkpoint may hold: none. Hyperparameters are
+# written as plain containers (configs are converted with ``_convert_="all"`` before instantiation).
+ALLOWED_GLOBALS: tuple[Any, ...] = ()
+
+
 class CheckpointError(ValueError):
     """A checkpoint file is missing, damaged, or was written by another model configuration.
 
@@ -41,6 +53,22 @@ class CheckpointError(ValueError):
     def __init__(self, message: str, damaged: bool = True) -> None:
         super().__init__(message)
         self.damaged = damaged
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A file whose pickle holds types ebmad never writes (classes, functions): refused unopened."""
+
+    def __init__(self, path: Path, types: list[str], detail: str = "") -> None:
+        names = (
+            ", ".join(types) if types else (detail or "an object that is not a tensor or a plain container")
+        )
+        super().__init__(
+            f"refusing to load {path}: it holds {names}, which ebmad checkpoints never contain (only tensors "
+            "and plain containers are loaded, so that opening a file can never run code). If you trust its "
+            "author, see README 'Checkpoints from others'",
+            damaged=False,
+        )
+        self.types = types
 
 
 # ------------------------------------------------------------------------------ writing
@@ -98,18 +126,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: Any, map_location: Any = lambda storage, loc: storage,
                         weights_only: bool | None = None) -> dict[str, Any]:  # fmt: skip
-        try:
-            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
-        except FileNotFoundError:
-            raise
-        except LOAD_ERRORS as exc:
-            if "://" in str(path):
-                raise
-            try:
-                _diagnose(Path(path))  # says what is wrong with the file, if it can tell
-            except CheckpointError as err:
-                raise err from exc
-            raise CheckpointError(f"checkpoint {path} cannot be loaded: {type(exc).__name__}: {exc}") from exc
+        """Always weights-only (``weights_only=False`` is refused): see :func:`load_checkpoint_file`."""
+        if weights_only is False:
+            raise ValueError("ebmad never loads checkpoints with weights_only=False")
+        if "://" in str(path):
+            with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)):
+                return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        if not Path(path).exists():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        return load_checkpoint_file(path, map_location=map_location)
 
 
 # ------------------------------------------------------------------------------ reading
@@ -159,6 +184,51 @@ def _diagnose(path: Path) -> None:
         raise CheckpointError(f"{path} is not a torch checkpoint: it looks like {_describe_head(head)}")
 
 
+def _unsafe_globals(path: Path) -> list[str]:
+    """The non-allowed globals a zip-format torch file's pickle names (read without unpickling)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # legacy format or damaged: the load's own error tells
+        return []
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in ALLOWED_GLOBALS}
+    return [n for n in names if n not in allowed]
+
+
+def load_checkpoint_file(path: str | os.PathLike[str], map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """``torch.load`` of a checkpoint or statistics file that can never run code (weights only).
+
+    Raises :class:`UnsafeCheckpointError` naming the file and the types when its pickle holds anything
+    but tensors and plain containers (checked before unpickling, and enforced by the weights-only
+    unpickler), :class:`CheckpointError` when it is missing, damaged or not a torch file.
+    """
+    path = Path(path)
+    unsafe = _unsafe_globals(path) if path.is_file() else []
+    if unsafe:
+        raise UnsafeCheckpointError(path, unsafe)
+    try:
+        with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "weights_only" in text.lower() or "global" in text.lower():  # the restricted unpickler refused it
+            raise UnsafeCheckpointError(path, [], text.split("\n")[0][:300]) from None
+        raise _load_error(path, exc) from exc
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except (*LOAD_ERRORS, AttributeError, ImportError, TypeError) as exc:
+        raise _load_error(path, exc) from exc
+
+
+def _load_error(path: Path, exc: BaseException) -> CheckpointError:
+    try:
+        _diagnose(path)  # says what is wrong with the file, if it can tell
+    except CheckpointError as err:
+        return err
+    return CheckpointError(
+        f"checkpoint {path} cannot be loaded (truncated or damaged?): {type(exc).__name__}: {exc}"
+    )
+
+
 def validate_checkpoint(
     path: str | os.PathLike[str],
     expected_model_type: str | None = None,
@@ -172,12 +242,7 @@ def validate_checkpoint(
     """
     path = Path(path)
     _diagnose(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except (*LOAD_ERRORS, AttributeError, ImportError, TypeError) as exc:
-        raise CheckpointError(
-            f"checkpoint {path} cannot be loaded (truncated or damaged?): {type(exc).__name__}: {exc}"
-        ) from exc
+    ckpt = load_checkpoint_file(path, map_location="cpu")
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a Lightning checkpoint")
     missing = [k for k in ("state_dict", "hyper_parameters") if k not in ckpt]
@@ -204,6 +269,21 @@ def validate_checkpoint(
                 damaged=False,
             )
     return ckpt
+
+
+def checkpoint_step(path: str | os.PathLike[str]) -> int:
+    """The ``global_step`` a checkpoint was written at (weights-only, memory-mapped read)."""
+    return int(load_checkpoint_file(path, map_location="cpu", mmap=True)["global_step"])
+
+
+def load_module_checkpoint(cls: Any, path: str | os.PathLike[str], map_location: Any = "cpu",
+                           **kwargs: Any) -> Any:  # fmt: skip
+    """``cls.load_from_checkpoint`` (a LightningModule class), weights only; unsafe files are refused unopened."""
+    unsafe = _unsafe_globals(Path(path))
+    if unsafe:
+        raise UnsafeCheckpointError(Path(path), unsafe)
+    with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)):
+        return cls.load_from_checkpoint(str(path), map_location=map_location, weights_only=True, **kwargs)
 
 
 def set_aside(path: Path, reason: str) -> Path | None:

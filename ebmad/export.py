@@ -10,6 +10,7 @@ After writing, the export is checked against PyTorch's own scoring on a random b
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from ebmad.checkpointing import validate_checkpoint
+from ebmad.checkpointing import load_module_checkpoint, validate_checkpoint
+from ebmad.cli import USER_ERRORS, front_door, full_traceback, report_error
 from ebmad.models import AnomalyModule, model_class
 from ebmad.train import CONF_DIR
 
@@ -43,7 +45,7 @@ def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu")
         raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist (give the checkpoint written after fit, "
                                 "e.g. <run>/checkpoints/last.ckpt)")  # fmt: skip
     kind = str(validate_checkpoint(path).get("ebmad_model_type", "ebm"))  # names the file and the problem
-    module = model_class(kind).load_from_checkpoint(str(path), map_location=map_location)
+    module = load_module_checkpoint(model_class(kind), path, map_location=map_location)
     if not module.stats_ready:
         raise ValueError(f"checkpoint {path} ({kind}) has no fitted scoring statistics; use the checkpoint "
                          "written after fit (checkpoints/last.ckpt of a finished run)")  # fmt: skip
@@ -136,8 +138,20 @@ def export(cfg: DictConfig) -> Path:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="export")
-def main(cfg: DictConfig) -> None:
-    export(cfg)
+def hydra_main(cfg: DictConfig) -> None:
+    try:
+        export(cfg)
+    except USER_ERRORS as exc:  # ebmad's own errors (checkpoint, config): one line
+        if full_traceback():
+            raise
+        report_error(exc, cfg.get("output"))
+        raise SystemExit(1) from None
+
+
+def main() -> None:
+    """``python -m ebmad.export`` / ``ebmad-export``: settings checked first (did you mean ...), then Hydra."""
+    front_door(sys.argv[1:], CONF_DIR, "export")
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ One mechanism for training and testing:
   previous step. With ``check_every=N`` the flags accumulate on the device and are read every N steps
   and before every checkpoint write, which also verifies that the parameters are finite: a checkpoint
   of broken weights is never written. Checkpoints already on disk stay.
-- :func:`check_finite_scores` for test time: a clear error naming the score instead of a crash (or a
-  silently wrong AUROC) inside metric code.
+- :func:`check_finite_scores` / :func:`check_finite_values` after training (statistics, thresholds,
+  validation and test scores): a :class:`NonFiniteError` naming the quantity instead of a crash (or a
+  silently wrong AUROC) inside metric code. The run turns it into :class:`ScoresDiverged` with the step and
+  the same hint as the training guard (:func:`diverged_after_training`): ``status: diverged``.
 
 On a non-finite value the guard calls :meth:`NonFiniteGuard.on_non_finite`, which raises
 :class:`TrainingDiverged`. A recovery policy that skips the step (``ebmad.spikes.SpikeGuard`` with ``skip``
@@ -21,6 +23,7 @@ against the run.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -36,11 +39,33 @@ RECOVERED = "_ebmad_recovered_step"  # module attribute: the step a recovery pol
 
 
 class NonFiniteError(RuntimeError):
-    """NaN or infinite values where finite ones are required."""
+    """NaN or infinite values where finite ones are required; ``quantity`` names them."""
+
+    def __init__(self, message: str, quantity: str = "a score") -> None:
+        super().__init__(message)
+        self.quantity = quantity
 
 
 class TrainingDiverged(NonFiniteError):
     """Training produced NaN/inf (loss, gradients, energies, samples or weights)."""
+
+
+class ScoresDiverged(TrainingDiverged):
+    """The trained model gives NaN/inf after training (statistics, thresholds, validation or test scores)."""
+
+
+def divergence_hint(module: Any, hint: str | None = None) -> str:
+    """What to try: ``hint``, else the module's ``DIVERGENCE_HINT``, else the EBM's."""
+    return hint or getattr(module, "DIVERGENCE_HINT", None) or DEFAULT_HINT
+
+
+def diverged_after_training(exc: NonFiniteError, step: int, module: Any) -> ScoresDiverged:
+    """The run-ending error for a non-finite value found after training: step, quantity and hint."""
+    return ScoresDiverged(
+        f"model diverged: {exc.quantity} is not finite after training at step {step} ({exc}). Checkpoints "
+        f"already written stay loadable; {divergence_hint(module)}",
+        quantity=exc.quantity,
+    )
 
 
 @dataclass
@@ -173,8 +198,9 @@ class NonFiniteGuard(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, report: NonFiniteReport
     ) -> None:
         """What to do about a non-finite value: raise :class:`TrainingDiverged` (override for a recovery)."""
-        hint = self.hint or getattr(pl_module, "DIVERGENCE_HINT", None) or DEFAULT_HINT
-        raise TrainingDiverged(report.message(hint))
+        raise TrainingDiverged(
+            report.message(divergence_hint(pl_module, self.hint)), quantity=report.quantity
+        )
 
     # ----------------------------------------------------------------------- internals
     def _flag(self, name: str, finite: torch.Tensor) -> None:
@@ -253,7 +279,29 @@ def check_finite_scores(scores: Mapping[str, torch.Tensor], where: str) -> None:
                  for k, n_nan, n_inf in bad]  # fmt: skip
         raise NonFiniteError(
             f"{where}: score {'; '.join(parts)}. The model or its statistics are broken: its training probably "
-            "diverged (look at train/loss), or the statistics were fitted on degenerate images"
+            "diverged (look at train/loss), or the statistics were fitted on degenerate images",
+            quantity=f"score '{bad[0][0]}' ({where})",
+        )
+
+
+def check_finite_values(values: Mapping[str, Any], what: str) -> None:
+    """Raise :class:`NonFiniteError` naming each entry (tensor or number) of ``values`` that holds NaN/inf.
+
+    ``what`` names the set, e.g. ``"gradient statistics"`` or ``"thresholds"``.
+    """
+    bad = []
+    for k, v in values.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            finite = bool(_all_finite(v.detach()))
+        elif isinstance(v, float | int) and not isinstance(v, bool):
+            finite = math.isfinite(v)
+        else:
+            continue
+        if not finite:
+            bad.append(k)
+    if bad:
+        raise NonFiniteError(
+            f"{what} {', '.join(bad)} hold NaN or inf values", quantity=f"{what} ({', '.join(bad)})"
         )
 
 

@@ -2,10 +2,15 @@
 
 Console script ``ebmad-predict``. ``input`` is a folder (its images), a glob or one file; any model type's
 checkpoint works (``backend=torch``), or an ONNX model from :mod:`ebmad.export` (``backend=onnx``). For
-every image it writes, at the image's original resolution, ``overlays/<name>.png`` (anomaly map over the
-image, colours fixed to [0, 2 * pixel_threshold]) and ``masks/<name>.png`` (map >= pixel_threshold),
-plus one ``predictions.csv`` row: path, score, decision (score >= image_threshold: defective), defect
-area in pixels, error. Unreadable files are listed with their error and the run goes on; the exit
+every image it writes ``overlays/<name>.png`` (the anomaly map over the image at its original resolution,
+colours fixed to [0, 2 * pixel_threshold], and below it a legend: the colour bar with the pixel threshold
+marked, the image score against the image threshold with the decision, the defect area), and
+``masks/<name>.png`` (map >= pixel_threshold, at the original resolution), plus one ``predictions.csv`` row:
+path, score, image_threshold, decision (score >= image_threshold: defective), defect area in pixels
+(map >= pixel_threshold), pixel_threshold, size, error. Files from others are untrusted: an image declaring more than ``max_image_pixels``
+(a decompression bomb, or just too large) is refused from its header before anything is decoded, and an
+empty, unreadable or truncated file, or one that is an image in name only, is listed with its error; the
+run goes on with the other images (one image decoded at a time, so memory stays bounded) and the exit
 status is then 1.
 """
 
@@ -15,7 +20,9 @@ import csv
 import glob
 import math
 import os
+import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,16 +35,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from ebmad.cli import USER_ERRORS, front_door, full_traceback, report_error
 from ebmad.data.io import IMAGE_SUFFIXES, DatasetError, list_images, load_image, open_image
 from ebmad.export import INPUT_NAME, OUTPUT_NAMES, load_module, onnx_session
 from ebmad.train import CONF_DIR
 from ebmad.utils import device_info
 
 WIDE_GRAY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit; Pillow's convert would clip at 255
-CSV_FIELDS = ("path", "score", "decision", "defect_area_px", "width", "height", "error")
+# decision: score >= image_threshold (the image-level rule); defect_area_px: pixels whose map value is >=
+# pixel_threshold (the pixel-level rule). The two thresholds are fitted separately on defect-free images, so
+# a "good" image can still have a few pixels above the pixel threshold: both rules are in every row.
+CSV_FIELDS = ("path", "score", "image_threshold", "decision", "defect_area_px", "pixel_threshold", "width", "height",
+              "error")  # fmt: skip
 ScoreFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -75,6 +87,29 @@ def display_rgb(img: Image.Image) -> np.ndarray:
     return np.repeat(gray[..., None], 3, axis=2)
 
 
+def check_pixels(path: Path, max_pixels: int) -> None:
+    """Refuse an image whose header declares more than ``max_pixels`` (width x height), without decoding it.
+
+    Pillow's own decompression-bomb limit (about 179 megapixels) is applied too; both raise
+    :class:`DatasetError` naming the file and the size.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+    except Image.DecompressionBombError as exc:
+        raise DatasetError(f"image file {path} refused as a decompression bomb: {exc}") from None
+    except Exception:  # empty, not an image, damaged: load_image names the problem
+        return
+    if width * height > max_pixels:
+        raise DatasetError(
+            f"image file {path} declares {width} x {height} = {width * height:,} pixels, more than "
+            f"max_image_pixels={max_pixels:,} (a decompression bomb or an oversized image); refused before "
+            "decoding. Raise max_image_pixels to score it"
+        )
+
+
 def error_text(exc: Exception) -> str:
     return str(exc) if isinstance(exc, DatasetError) else f"{type(exc).__name__}: {exc}"
 
@@ -101,6 +136,45 @@ def overlay(rgb: np.ndarray, amap: np.ndarray, pixel_threshold: float, alpha: fl
     heat = heat_colors(amap, pixel_threshold).astype(np.float32)
     mixed = (1 - alpha) * rgb.astype(np.float32) + alpha * heat
     return Image.fromarray(mixed.round().astype(np.uint8))
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one bitmap size
+        return ImageFont.load_default()
+
+
+def legend(image: Image.Image, score: float, image_thr: float, area: int, pixel_thr: float) -> Image.Image:
+    """The overlay with a strip below it: the colour bar (0 .. 2 x pixel threshold, the threshold marked),
+    the image score against its threshold with the decision, and the defect area against the pixel threshold."""
+    width = max(image.width, 420)
+    unit = max(1, round(width / 420))
+    bar_h, pad, text = 14 * unit, 6 * unit, 13 * unit
+    strip_h = bar_h + 4 * text + 6 * pad
+    panel = Image.new("RGB", (width, image.height + strip_h), (255, 255, 255))
+    panel.paste(image, (0, 0))
+    draw = ImageDraw.Draw(panel)
+    font = _font(text)
+    x0, x1, y = pad, width - pad, image.height + pad
+    ramp = np.linspace(0.0, 2.0 * pixel_thr, max(2, x1 - x0))[None, :].repeat(bar_h, axis=0)
+    panel.paste(Image.fromarray(heat_colors(ramp, pixel_thr)), (x0, y))
+    mid = (x0 + x1) // 2
+    draw.line([(mid, y - 2), (mid, y + bar_h + 2)], fill=(0, 0, 0), width=max(1, unit))
+    y += bar_h + 2
+    draw.text((x0, y), "0", fill=(0, 0, 0), font=font)
+    draw.text((mid, y), f"{pixel_thr:.4g} (pixel threshold)", fill=(0, 0, 0), font=font, anchor="ma")
+    draw.text((x1, y), f"{2 * pixel_thr:.4g}", fill=(0, 0, 0), font=font, anchor="ra")
+    decision = "DEFECTIVE" if score >= image_thr else "good"
+    colour = (200, 0, 0) if decision == "DEFECTIVE" else (0, 120, 0)
+    y += text + pad
+    draw.text((x0, y), f"image score {score:.4g} {'>=' if score >= image_thr else '<'} image threshold "
+                       f"{image_thr:.4g}: {decision}", fill=colour, font=font)  # fmt: skip
+    y += text + pad
+    draw.text(
+        (x0, y), f"defect area {area} px (map >= pixel threshold {pixel_thr:.4g})", fill=(0, 0, 0), font=font
+    )
+    return panel
 
 
 def upsample(amap: torch.Tensor, width: int, height: int) -> np.ndarray:
@@ -180,7 +254,8 @@ def write_outputs(path: Path, out: Path, name: Path, score: float, amap: torch.T
                   image_thr: float, pixel_thr: float, alpha: float) -> dict[str, Any]:  # fmt: skip
     """Overlay and mask of one scored image at its original size; returns its CSV row."""
     width, height = size
-    row: dict[str, Any] = {"path": str(path), "score": score, "width": width, "height": height, "error": ""}
+    row: dict[str, Any] = {"path": str(path), "score": score, "image_threshold": image_thr,
+                           "pixel_threshold": pixel_thr, "width": width, "height": height, "error": ""}  # fmt: skip
     if not math.isfinite(score):
         return {**row, "error": "non-finite score"}
     try:
@@ -189,18 +264,19 @@ def write_outputs(path: Path, out: Path, name: Path, score: float, amap: torch.T
         return {**row, "error": error_text(exc)}
     up = upsample(amap, width, height)
     mask = up >= pixel_thr
-    for sub, image in (("overlays", overlay(rgb, up, pixel_thr, alpha)),
-                       ("masks", Image.fromarray(mask.astype(np.uint8) * 255))):  # fmt: skip
+    area = int(mask.sum())
+    shown = legend(overlay(rgb, up, pixel_thr, alpha), score, image_thr, area, pixel_thr)
+    for sub, image in (("overlays", shown), ("masks", Image.fromarray(mask.astype(np.uint8) * 255))):
         target = out / sub / name.with_suffix(".png")
         target.parent.mkdir(parents=True, exist_ok=True)
         image.save(target)
     decision = "defective" if score >= image_thr else "good"
-    return {**row, "decision": decision, "defect_area_px": int(mask.sum())}
+    return {**row, "decision": decision, "defect_area_px": area}
 
 
 # ---------------------------------------------------------------------------- predict
 def score_chunk(scorer: Scorer, files: list[tuple[Path, Path]], out: Path, image_thr: float, pixel_thr: float,
-                alpha: float) -> tuple[list[dict[str, Any]], float]:  # fmt: skip
+                alpha: float, max_pixels: int) -> tuple[list[dict[str, Any]], float]:  # fmt: skip
     """CSV rows, in input order, of one batch of (file, output name); an unreadable file gets its error.
 
     Also returns the seconds spent in the scorer itself.
@@ -209,6 +285,7 @@ def score_chunk(scorer: Scorer, files: list[tuple[Path, Path]], out: Path, image
     decoded: list[tuple[int, torch.Tensor, tuple[int, int]]] = []
     for i, (path, _) in enumerate(files):
         try:  # the training/evaluation loader: same conversion and resize
+            check_pixels(path, max_pixels)
             x, size = load_image(path, scorer.image_size, scorer.in_channels)
             decoded.append((i, x, size))
         except Exception as exc:  # one bad file never stops the run
@@ -237,6 +314,9 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
     if not 0 <= cfg.overlay_alpha <= 1:
         raise ValueError(f"overlay_alpha must be in [0, 1], got {cfg.overlay_alpha}")
+    max_pixels = int(cfg.get("max_image_pixels") or 50_000_000)
+    if max_pixels < 1:
+        raise ValueError(f"max_image_pixels must be >= 1, got {max_pixels}")
     image_thr, pixel_thr = thresholds(scorer, cfg.get("image_threshold"), cfg.get("pixel_threshold"))
     files = find_images(str(cfg.input) if cfg.get("input") else "")
     jobs = list(zip(files, output_names(files), strict=True))
@@ -252,7 +332,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         writer.writeheader()
         for start in range(0, len(jobs), cfg.batch_size):
             chunk, seconds = score_chunk(scorer, jobs[start : start + cfg.batch_size], out, image_thr, pixel_thr,
-                                         cfg.overlay_alpha)  # fmt: skip
+                                         cfg.overlay_alpha, max_pixels)  # fmt: skip
             writer.writerows(chunk)
             fh.flush()
             bar.update(len(chunk))
@@ -284,11 +364,24 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="predict")
-def main(cfg: DictConfig) -> None:
-    """Hydra main; exits with status 1 when any image failed."""
+def hydra_main(cfg: DictConfig) -> None:
+    """Hydra main; exits with status 1 when any image failed; ebmad's own errors are one line."""
     torch.set_float32_matmul_precision("high")
-    if predict(cfg)["failed"]:
+    try:
+        failed = predict(cfg)["failed"]
+    except USER_ERRORS as exc:
+        if full_traceback():
+            raise
+        report_error(exc, cfg.get("output"))
+        raise SystemExit(1) from None
+    if failed:
         raise SystemExit(1)
+
+
+def main() -> None:
+    """``python -m ebmad.predict`` / ``ebmad-predict``: settings checked first (did you mean ...), then Hydra."""
+    front_door(sys.argv[1:], CONF_DIR, "predict")
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -1,34 +1,54 @@
-"""Turn a finished sweep folder into comparison tables (Markdown and CSV).
+"""Turn a finished sweep folder into a comparison report: Markdown, CSV and a self-contained HTML page.
 
-    python -m ebmad.report logs/compare/sweeps/default [--out DIR] [--categories bottle cable ...]
+    python -m ebmad.report logs/compare/sweeps/default [--out DIR] [--format html|md|csv ...]
 
-Per metric (image AUROC, pixel AUROC, pixel AP, AUPRO when recorded) one table with a row per category
-and a column per model, the published number of each model beside it where one exists (carried in
-``ebmad/reference/published.csv``), and the mean over completed categories. The EBM's score variants
-(energy, L1/L2 of standardized gradients) get a table of their own. One block per hyperparameter setting
-found in the sweep. Jobs that failed, were interrupted, never finished or never started are listed with
-that status, never dropped.
+Per metric (image AUROC, pixel AUROC, pixel AP, AUPRO when recorded) one table with a row per category and
+a column per model (named with its headline score), the published number of each model beside it where one
+exists (``ebmad/reference/published.csv``) and the difference, and the mean over categories, compared with
+the published mean over the same categories only. ``seed`` is a replicate: every cell is the mean ± sample
+standard deviation (ddof=1) over the completed seeds, with n. The EBM's score variants and its untrained
+reference get tables of their own. One block per hyperparameter setting; for a hyperparameter search
+(Optuna) the trials ranked by their objective instead. Jobs that failed, were interrupted, never finished or
+never started are listed with that status, never dropped. ``report.html`` adds bar charts, ROC/PRO curves
+and anomaly maps side by side (:mod:`ebmad.report_html`); with the W&B logger the summary is also logged
+as a W&B table (:mod:`ebmad.report_wandb`).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ebmad.report_jobs import (
+    PUBLISHED,
+    PUBLISHED_CSV,
+    CategoryMean,
+    Job,
+    Stat,
+    Sweep,
+    category_mean,
+    collect_jobs,
+    expected_categories,
+    load_published,
+    load_sweep,
+    models_of,
+    stat,
+)
+from ebmad.synthesis import favoured
 
-from ebmad.data.mvtec import MVTEC_CATEGORIES
+__all__ = ["PUBLISHED", "PUBLISHED_CSV", "Job", "SweepSummary", "Table", "collect_jobs", "expected_categories",
+           "load_published", "load_sweep", "main", "render_markdown", "write_csv", "write_report"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
-PUBLISHED_CSV = Path(__file__).resolve().parent / "reference" / "published.csv"
-# (metric key prefix, title); a table is written when any completed job recorded the metric
+FORMATS = ("md", "csv", "html")
+# (metric key, title); a table is written when any completed job recorded the metric
 METRICS = (
     ("image_auroc", "Table 1: image-level AUROC"),
     ("pixel_auroc", "Table 2: pixel-level AUROC"),
@@ -39,167 +59,80 @@ EBM_EXTRA = {
     "image_auroc": ("A_ms_max", "E_patch_max"),
     "pixel_auroc": ("a_ms", "e_patch"),
 }  # options, when run
-EBM_VARIANTS = {
-    "image_auroc": ("energy", "A_std_l1", "A_std_l2"),
-    "pixel_auroc": ("a_std_l1", "a_std_l2"),
-}
-CATEGORY_KEY = "data.category"
-MODEL_KEY = "model"
-MODEL_KEYS = (MODEL_KEY, "recipe")  # what picks the method: a column of the tables, not a setting
-
-
-def load_published(path: Path = PUBLISHED_CSV) -> dict[tuple[str, str, str], float]:
-    """Published numbers: {(model, category or "mean", metric): value}."""
-    with path.open() as fh:
-        return {(r["model"], r["category"], r["metric"]): float(r["value"]) for r in csv.DictReader(fh)}
-
-
-PUBLISHED = load_published()
+EBM_VARIANTS = {"image_auroc": ("energy", "A_std_l1", "A_std_l2"), "pixel_auroc": ("a_std_l1", "a_std_l2")}
+UNTRAINED_COLUMNS = (("image AUROC", "image_auroc"), ("pixel AUROC", "pixel_auroc"), ("AUPRO", "aupro"))
+STD_NOTE = ("Seeds are replicates: each value is the mean ± sample standard deviation (ddof=1) over the "
+            "completed seeds, n their number; a mean over categories is the mean of the per-category means, "
+            "its ± the standard deviation over seeds of the per-seed means (seeds that completed every "
+            "category), n those seeds.")  # fmt: skip
+PUBLISHED_NOTE = ("Published numbers: EBM per-category pixel AUROC from Genc et al. Table 2 (image AUROC only as "
+                  "a 15-category mean); DRAEM from Zavrtanik et al. Table 2; SSAE journal means. Sources in "
+                  "`ebmad/reference/published.csv`. Δ = ours - published; a mean is compared with the published "
+                  "mean over the same categories only.")  # fmt: skip
 
 
 @dataclass
-class Job:
-    folder: Path | None
-    category: str
-    setting: str
-    status: str  # completed | failed | interrupted | incomplete | missing | diverged
-    metrics: dict[str, float] = field(default_factory=dict)
-    error: str = ""
-    model: str = "ebm"
-    headline: dict[str, float] = field(default_factory=dict)  # {metric: the model's headline value}
-    untrained: dict[str, float] = field(default_factory=dict)  # the untrained reference's metrics (EBM)
-    scores: dict[str, str] = field(
-        default_factory=dict
-    )  # {"image_auroc": headline score, "pixel_auroc": map}
+class Table:
+    """A report table, rendered as Markdown and HTML from the same cells."""
+
+    title: str
+    head: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    metric: str = ""  # the metric a figure of the HTML report draws beside it
 
 
-def _split(override: str) -> tuple[str, str]:
-    """``"+key=value"`` -> ``("key", "value")``."""
-    key, _, value = override.partition("=")
-    return key.lstrip("+~"), value
+def table_md(t: Table) -> list[str]:
+    lines = [f"**{t.title}**", "", "| " + " | ".join(t.head) + " |", "|" + "---|" * len(t.head)]
+    lines += ["| " + " | ".join(r) + " |" for r in t.rows]
+    if t.notes:
+        lines += ["", *(f"- {n}" for n in dict.fromkeys(t.notes))]
+    return lines
 
 
-def _read_yaml(path: Path) -> Any:
-    try:
-        return yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-
-
-def _job_overrides(folder: Path) -> list[str]:
-    overrides = _read_yaml(folder / ".hydra" / "overrides.yaml")
-    if isinstance(overrides, list):
-        return [str(o) for o in overrides]
-    return folder.name.split(",") if "=" in folder.name else []
-
-
-def _setting(overrides: list[str], sweep_keys: set[str] | None) -> str:
-    items = [o for o in overrides if _split(o)[0] not in (CATEGORY_KEY, *MODEL_KEYS)]
-    if sweep_keys is not None:
-        items = [o for o in items if _split(o)[0] in sweep_keys]
-    return ",".join(sorted(items)) or "default"
-
-
-def _sweep_overrides(sweep_dir: Path) -> list[str]:
-    """The sweep's command-line overrides and sweeper params, as ``key=value`` strings."""
-    cfg = _read_yaml(sweep_dir / "multirun.yaml") or {}
-    hydra = cfg.get("hydra") or {}
-    items = [str(o) for o in ((hydra.get("overrides") or {}).get("task") or [])]
-    params = (hydra.get("sweeper") or {}).get("params") or {}
-    return items + [f"{k}={v}" for k, v in params.items()]
-
-
-def _swept_keys(sweep_dir: Path) -> set[str] | None:
-    """Keys that vary across the sweep's jobs (None when the sweep left no multirun.yaml)."""
-    if not (sweep_dir / "multirun.yaml").is_file():
-        return None
-    keys = set()
-    for key, value in map(_split, _sweep_overrides(sweep_dir)):
-        if "," in value or value.split("(")[0] in ("choice", "range", "interval", "tag", "glob"):
-            keys.add(key)
-    return keys
-
-
-def expected_categories(sweep_dir: Path) -> list[str]:
-    """Categories the sweep was launched with (from multirun.yaml), if recorded."""
-    for key, value in map(_split, _sweep_overrides(sweep_dir)):
-        if key == CATEGORY_KEY and "(" not in value:
-            return [v.strip() for v in value.split(",") if v.strip()]
-    return []
-
-
-def _model_name(override_value: str) -> str:
-    """``draem_tiny`` -> ``draem``: config variants of a method report as the method."""
-    return override_value.split("_")[0] if override_value else "ebm"
-
-
-def _headline(res: dict[str, Any]) -> dict[str, float]:
-    """The model's headline value of each metric (results.json top-level keys, else the EBM defaults)."""
-    m = res.get("metrics", {})
-    out = {
-        "image_auroc": res.get("image_auroc", m.get("image_auroc/A_std_l2")),
-        "pixel_auroc": res.get("pixel_auroc", m.get("pixel_auroc/a_std_l2")),
-    }
-    for key in ("pixel_ap", "aupro"):
-        out[key] = res.get(key, m.get(key))
-    return {k: v for k, v in out.items() if v is not None}
-
-
-def collect_jobs(sweep_dir: str | Path, categories: list[str] | None = None) -> list[Job]:
-    """Every job of a sweep folder with its status; categories without a job are added as missing."""
-    sweep_dir = Path(sweep_dir)
-    if not sweep_dir.is_dir():
-        raise FileNotFoundError(f"sweep folder {sweep_dir} does not exist")
-    swept = _swept_keys(sweep_dir)
-    sweep_keys = None if swept is None else swept - {CATEGORY_KEY, *MODEL_KEYS}
-    jobs: list[Job] = []
-    for folder in sorted(p for p in sweep_dir.iterdir() if p.is_dir()):
-        markers = (folder / "results.json", folder / "job.json", folder / ".hydra")
-        if not any(m.exists() for m in markers):
-            continue
-        overrides = _job_overrides(folder)
-        res = json.loads((folder / "results.json").read_text()) if (folder / "results.json").is_file() else {}
-        values = dict(map(_split, overrides))
-        category = res.get("category") or values.get(CATEGORY_KEY, "?")
-        model = res.get("model") or _model_name(values.get(MODEL_KEY) or values.get("recipe", ""))
-        jobs.append(Job(folder, category, _setting(overrides, sweep_keys), res.get("status", "incomplete"),
-                        res.get("metrics", {}), res.get("error", ""), model, _headline(res),
-                        (res.get("reference") or {}).get("untrained", {}),
-                        {"image_auroc": res.get("image_score", "A_std_l2"),
-                         "pixel_auroc": res.get("pixel_map", "a_std_l2")}))  # fmt: skip
-    wanted = categories or expected_categories(sweep_dir)
-    if not wanted and any(j.category in MVTEC_CATEGORIES for j in jobs):
-        wanted = list(MVTEC_CATEGORIES)
-    settings = sorted({j.setting for j in jobs}) or ["default"]
-    for setting in settings:
-        for model in sorted({j.model for j in jobs if j.setting == setting}) or ["ebm"]:
-            have = {j.category for j in jobs if j.setting == setting and j.model == model}
-            jobs += [Job(None, c, setting, "missing", model=model) for c in wanted if c not in have]
-    order = {c: i for i, c in enumerate(wanted)}
-    jobs.sort(key=lambda j: (j.setting, order.get(j.category, len(order)), j.category, j.model))
-    return jobs
-
-
+# ----------------------------------------------------------------------------------------- cells
 def _fmt(v: float | None) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
-def _mean(values: list[float | None]) -> float | None:
-    vals = [v for v in values if v is not None and not math.isnan(v)]
-    return sum(vals) / len(vals) if vals else None
+def _delta(ours: float | None, paper: float | None) -> str:
+    return "n/a" if ours is None or paper is None or math.isnan(ours) else f"{ours - paper:+.3f}"
 
 
-def _models(jobs: list[Job]) -> list[str]:
-    order = ("ebm", "draem", "ssae")
-    found = {j.model for j in jobs}
-    return [m for m in order if m in found] + sorted(found - set(order))
+def fmt_stat(s: Stat, show_n: bool) -> str:
+    """``0.881 ± 0.012 (n=2)``; one value without ±; ``—`` for none."""
+    if not s.n:
+        return "—"
+    text = _fmt(s.mean) + (f" ± {s.std:.3f}" if s.std is not None else "")
+    return text + (f" (n={s.n})" if show_n else "")
 
 
-def _status(jobs: list[Job]) -> str:
+def fmt_mean(cm: CategoryMean, show_n: bool) -> str:
+    if cm.mean is None:
+        return f"— (0/{cm.n_all})"
+    spread = f" ± {cm.std:.3f}" if cm.std is not None else ""
+    return f"{_fmt(cm.mean)}{spread} ({len(cm.categories)}/{cm.n_all}" + (
+        f", n={cm.n_seeds})" if show_n else ")"
+    )
+
+
+def _status(jobs: list[Job], show_model: bool | None = None, show_seed: bool = False) -> str:
+    """``completed``, or what is not, per model (with the seed and how many seeds completed)."""
+    if show_model is None:
+        show_model = len({j.model for j in jobs}) > 1
+    if all(j.done for j in jobs):
+        return "completed" if jobs else ""
     parts = []
-    for j in jobs:
-        text = j.status if not j.error else f"{j.status}: {j.error[:80]}"
-        parts.append(text if len(jobs) == 1 else f"{j.model} {text}")
+    for m in models_of(jobs):
+        sel = [j for j in jobs if j.model == m]
+        bad = [j for j in sel if not j.done]
+        if not bad:
+            continue
+        texts = [(f"seed={j.seed} " if show_seed and j.seed else "") + j.status + (f": {j.error[:80]}" if j.error
+                 else "") for j in bad]  # fmt: skip
+        done = len(sel) - len(bad)
+        text = "; ".join(texts) + (f" ({done} of {len(sel)} seeds completed)" if show_seed and done else "")
+        parts.append((f"{m} " if show_model else "") + text)
     return "; ".join(parts)
 
 
@@ -207,59 +140,73 @@ def _categories(jobs: list[Job]) -> list[str]:
     return list(dict.fromkeys(j.category for j in jobs))
 
 
-def _delta(ours: float | None, paper: float | None) -> str:
-    return "n/a" if ours is None or paper is None or math.isnan(ours) else f"{ours - paper:+.3f}"
+def _multi_seed(jobs: list[Job]) -> bool:
+    return len({j.seed for j in jobs if j.seed}) > 1
 
 
-def _metric_table(jobs: list[Job], metric: str, title: str) -> list[str]:
-    """Rows: categories; per model its headline value, the published value and the difference."""
-    models = _models(jobs)
-    has_paper = {m: any(k[0] == m and k[2] == metric for k in PUBLISHED) for m in models}
+def _score_name(jobs: list[Job], model: str, metric: str) -> str:
+    kind = "image_auroc" if metric == "image_auroc" else "pixel_auroc"
+    names = list(dict.fromkeys(j.scores.get(kind, "") for j in jobs if j.model == model and j.done))
+    return f"{model} ({'/'.join(n for n in names if n)})" if any(names) else model
+
+
+def _headline_of(metric: str) -> Callable[[Job], float | None]:
+    return lambda j: j.headline.get(metric)
+
+
+def _metric_of(key: str) -> Callable[[Job], float | None]:
+    return lambda j: j.metrics.get(key)
+
+
+# ----------------------------------------------------------------------------------------- tables
+def metric_table(jobs: list[Job], metric: str, title: str, show_n: bool | None = None) -> Table:
+    """Rows: categories; per model its headline (mean ± std over seeds), the published value and Δ."""
+    show_n = _multi_seed(jobs) if show_n is None else show_n
+    models = models_of(jobs)
+    has_paper = {m: PUBLISHED.has(m, metric) for m in models}
     head = ["category"]
     for m in models:
-        head += [m] + ([f"paper {m}", "Δ"] if has_paper[m] else [])
-    head.append("status")
-    lines = [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        head += [_score_name(jobs, m, metric)] + ([f"paper {m}", "Δ"] if has_paper[m] else [])
+    t = Table(title, [*head, "status"], metric=metric)
+    get = _headline_of(metric)
     for cat in _categories(jobs):
-        cells = [cat]
         row = [j for j in jobs if j.category == cat]
+        cells = [cat]
         for m in models:
-            job = next((j for j in row if j.model == m), None)
-            ours = job.headline.get(metric) if job and job.status == "completed" else None
-            cells.append(_fmt(ours) if job and job.status == "completed" else "—")
+            s = stat([j for j in row if j.model == m], get)
+            cells.append(fmt_stat(s, show_n))
             if has_paper[m]:
-                paper = PUBLISHED.get((m, cat, metric))
-                cells += [_fmt(paper), _delta(ours, paper)]
-        lines.append("| " + " | ".join([*cells, _status(row)]) + " |")
-    cells = []
+                paper = PUBLISHED.get(m, cat, metric)
+                cells += [_fmt(paper), _delta(s.mean, paper)]
+        t.rows.append([*cells, _status(row, len(models) > 1, show_n)])
+    cells = ["**mean** (completed/all categories)"]
     for m in models:
-        sel = [j for j in jobs if j.model == m]
-        done = [j for j in sel if j.status == "completed"]
-        mean = _mean([j.headline.get(metric) for j in done])
-        cells.append(f"{_fmt(mean)} ({len(done)}/{len(sel)})")
+        cm = category_mean([j for j in jobs if j.model == m], get)
+        cells.append(fmt_mean(cm, show_n))
         if has_paper[m]:
-            paper = PUBLISHED.get((m, "mean", metric))
-            cells += [_fmt(paper), _delta(mean, paper)]
-    lines.append("| " + " | ".join(["**mean** (completed/all)", *cells, ""]) + " |")
-    return lines
+            paper, why = PUBLISHED.mean_over(m, metric, cm.categories)
+            cells += [_fmt(paper), _delta(cm.mean, paper)]
+            t.notes += [why] if why else []
+    t.rows.append([*cells, ""])
+    return t
 
 
-def _variant_table(jobs: list[Job], kind: str, columns: tuple[str, ...], title: str) -> list[str]:
-    """The EBM's score variants side by side (one column per score)."""
-    head = ["category", *(f"ours {c}" for c in columns), "paper EBM", "status"]
-    lines = [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    done = [j for j in jobs if j.status == "completed"]
-    for j in jobs:
-        cells = [_fmt(j.metrics.get(f"{kind}/{c}")) if j.status == "completed" else "—" for c in columns]
-        lines.append("| " + " | ".join([j.category, *cells, _fmt(PUBLISHED.get(("ebm", j.category, kind))),
-                                        _status([j])]) + " |")  # fmt: skip
-    means = [_fmt(_mean([j.metrics.get(f"{kind}/{c}") for j in done])) for c in columns]
-    lines.append("| " + " | ".join([f"**mean** ({len(done)} of {len(jobs)} completed)", *means,
-                                    _fmt(PUBLISHED.get(("ebm", "mean", kind))), ""]) + " |")  # fmt: skip
-    return lines
-
-
-UNTRAINED_COLUMNS = (("image AUROC", "image_auroc"), ("pixel AUROC", "pixel_auroc"), ("AUPRO", "aupro"))
+def variant_table(jobs: list[Job], kind: str, columns: tuple[str, ...], title: str,
+                  show_n: bool | None = None) -> Table:  # fmt: skip
+    """The EBM's score variants side by side (one column per score), the published EBM value beside them."""
+    show_n = _multi_seed(jobs) if show_n is None else show_n
+    t = Table(title, ["category", *(f"ours {c}" for c in columns), "paper EBM", "status"])
+    for cat in _categories(jobs):
+        row = [j for j in jobs if j.category == cat]
+        cells = [fmt_stat(stat(row, _metric_of(f"{kind}/{c}")), show_n) for c in columns]
+        t.rows.append([cat, *cells, _fmt(PUBLISHED.get("ebm", cat, kind)), _status(row, False, show_n)])
+    means = [category_mean(jobs, _metric_of(f"{kind}/{c}")) for c in columns]
+    done = means[-1].categories if means else []
+    paper, why = PUBLISHED.mean_over("ebm", kind, done)
+    t.notes += [why] if why else []
+    label = f"**mean** ({len(done)} of {len(_categories(jobs))} categories completed)"
+    t.rows.append([label, *(fmt_mean(cm, show_n) for cm in means), _fmt(paper), ""])
+    return t
 
 
 def _untrained_key(job: Job, metric: str) -> str:
@@ -268,105 +215,311 @@ def _untrained_key(job: Job, metric: str) -> str:
     return f"{metric}/{name}" if name else metric
 
 
-def _untrained_table(jobs: list[Job]) -> list[str]:
+def untrained_table(jobs: list[Job], show_n: bool | None = None) -> Table:
     """What training adds: the trained EBM beside the same network at its initial weights."""
+    show_n = _multi_seed(jobs) if show_n is None else show_n
     head = ["category"]
     for name, _ in UNTRAINED_COLUMNS:
         head += [f"{name} trained", "untrained", "Δ"]
-    lines = ["**EBM: trained vs untrained reference (same network at its initial weights)**", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
-    done = [j for j in jobs if j.status == "completed" and j.untrained]
-    for j in done:
-        cells = [j.category]
+    t = Table("EBM: trained vs untrained reference (same network at its initial weights)", head)
+    done = [j for j in jobs if j.done and j.untrained]
+    for cat in _categories(done):
+        row = [j for j in done if j.category == cat]
+        cells = [cat]
         for _, key in UNTRAINED_COLUMNS:
-            ours, ref = j.headline.get(key), j.untrained.get(_untrained_key(j, key))
-            cells += [_fmt(ours), _fmt(ref), _delta(ours, ref)]
-        lines.append("| " + " | ".join(cells) + " |")
-    cells = [f"**mean** ({len(done)})"]
+            ours = stat(row, _headline_of(key))
+            ref = stat(row, lambda j, key=key: j.untrained.get(_untrained_key(j, key)))
+            cells += [fmt_stat(ours, show_n), fmt_stat(ref, show_n), _delta(ours.mean, ref.mean)]
+        t.rows.append(cells)
+    cells = [f"**mean** ({len(_categories(done))})"]
     for _, key in UNTRAINED_COLUMNS:
-        ours, ref = (
-            _mean([j.headline.get(key) for j in done]),
-            _mean([j.untrained.get(_untrained_key(j, key)) for j in done]),
-        )
-        cells += [_fmt(ours), _fmt(ref), _delta(ours, ref)]
-    lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        ours = category_mean(done, _headline_of(key))
+        ref = category_mean(done, lambda j, key=key: j.untrained.get(_untrained_key(j, key)))
+        cells += [fmt_mean(ours, show_n), fmt_mean(ref, show_n), _delta(ours.mean, ref.mean)]
+    t.rows.append(cells)
+    return t
 
 
-def render_markdown(jobs: list[Job], sweep_dir: Path) -> str:
-    out = [f"# ebmad sweep report: `{sweep_dir}`", ""]
+def _compact(value: str) -> str:
+    """A sampled float with 4 significant digits (``7.909386398330882e-05`` -> ``7.909e-05``)."""
+    try:
+        return value if float(value).is_integer() else f"{float(value):.4g}"
+    except ValueError:
+        return value
+
+
+def trials_table(sweep: Sweep) -> Table:
+    """A hyperparameter search: every trial ranked by its objective, its parameters and test headlines."""
+    keys = sorted({k for j in sweep.jobs for k in j.params})
+    head = ["rank", "trial", f"objective ({sweep.objective or 'n/a'}, {sweep.direction})", *keys, "category",
+            "image AUROC (test)", "pixel AUROC (test)", "status"]  # fmt: skip
+    t = Table("Trials ranked by the objective", head)
+    rank = 0
+    for j in sweep.ranked_trials():
+        has = j.objective is not None and not math.isnan(j.objective)
+        rank += has
+        objective = "n/a" if not has else f"{j.objective:.4f}"
+        t.rows.append([str(rank) if has else "—", "" if j.trial is None else str(j.trial), objective,
+                       *(_compact(j.params.get(k, "")) for k in keys), j.category, _fmt(j.headline.get("image_auroc")),
+                       _fmt(j.headline.get("pixel_auroc")), _status([j], False)])  # fmt: skip
+    if not sweep.objective:
+        t.notes.append("no optimized_metric in the trials' resolved config: nothing to rank by")
+    return t
+
+
+def not_completed_table(jobs: list[Job]) -> Table:
+    t = Table("Jobs not completed", ["setting", "model", "category", "seed", "status", "error", "folder"])
+    for j in jobs:
+        if not j.done:
+            t.rows.append([j.setting, j.model, j.category, j.seed, j.status, j.error[:200].replace("|", "/"),
+                           str(j.folder or "(never started)")])  # fmt: skip
+    return t
+
+
+def setting_lines(jobs: list[Job]) -> list[str]:
+    """Per model what was run: recipe, image size, training length, evaluation resolution, seeds."""
+    out = []
+    for m in models_of(jobs):
+        sel = [j for j in jobs if j.model == m]
+        cfg = next((j.config for j in sel if j.config), {})
+        data, trainer = cfg.get("data") or {}, cfg.get("trainer") or {}
+        steps = trainer.get("max_steps")
+        length = (f"{steps} steps (trainer.max_steps)" if isinstance(steps, int) and steps >= 0 else
+                  f"{trainer.get('max_epochs', '?')} epochs (trainer.max_epochs)")  # fmt: skip
+        res = (cfg.get("eval") or {}).get("resolution", "?")
+        seeds = ", ".join(dict.fromkeys(j.seed for j in sel if j.seed)) or "?"
+        recipe = f"`{sel[0].recipe}`, " if sel[0].recipe else ""
+        what = (f"image size {data.get('image_size', '?')}, {length}, eval resolution {res}" if cfg
+                else "no completed job (settings unknown)")  # fmt: skip
+        out.append(f"- {m}: {recipe}{what}; seeds {seeds}{validation_note(m, data, sel)}")
+    return out
+
+
+def validation_note(model: str, data: dict[str, Any], jobs: list[Job]) -> str:
+    """The label-free validation kinds a model's jobs used, and a mark where it trains on one of them."""
+    if not any(j.validation for j in jobs):
+        return ""
+    kinds = list(data.get("val_kinds") or ["spots_scratches"])
+    note = f"; label-free validation on {', '.join(kinds)}"
+    trained = favoured(kinds, [model])[model]
+    if trained:
+        note += f" (**{model} trains on {', '.join(trained)}: its validation score is favoured**)"
+    return note
+
+
+def setting_tables(jobs: list[Job]) -> list[Table]:
+    """Every table of one setting's block."""
+    show_n = _multi_seed(jobs)
+    tables = [metric_table(jobs, metric, title, show_n) for metric, title in METRICS
+              if metric in ("image_auroc", "pixel_auroc") or any(metric in j.headline for j in jobs)]  # fmt: skip
+    ebm = [j for j in jobs if j.model == "ebm"]
+    if ebm:
+        for kind, title in (
+            ("image_auroc", "EBM image-score variants"),
+            ("pixel_auroc", "EBM pixel-map variants"),
+        ):
+            extra = tuple(c for c in EBM_EXTRA[kind] if any(f"{kind}/{c}" in j.metrics for j in ebm))
+            tables.append(variant_table(ebm, kind, EBM_VARIANTS[kind] + extra, title, show_n))
+        if any(j.untrained for j in ebm):
+            tables.append(untrained_table(ebm, show_n))
+    return tables
+
+
+def report_settings(sweep: Sweep) -> list[str]:
+    """The settings whose blocks the report shows: all of them, or a search's best trial only."""
+    if sweep.search:
+        best = next((j for j in sweep.ranked_trials() if j.objective is not None), None)
+        return [best.setting] if best else []
+    return sweep.settings
+
+
+def _counts(jobs: list[Job]) -> str:
     counts: dict[str, int] = {}
     for j in jobs:
         counts[j.status] = counts.get(j.status, 0) + 1
-    out += ["Jobs: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), ""]
-    for setting in sorted({j.setting for j in jobs}):
-        sel = [j for j in jobs if j.setting == setting]
-        out += [f"## Setting: `{setting}`", ""]
-        for metric, title in METRICS:
-            if metric in ("image_auroc", "pixel_auroc") or any(metric in j.headline for j in sel):
-                out += _metric_table(sel, metric, title) + [""]
-        ebm = [j for j in sel if j.model == "ebm"]
-        if ebm:
-            for kind, title in (
-                ("image_auroc", "EBM image-score variants"),
-                ("pixel_auroc", "EBM pixel-map variants"),
-            ):
-                extra = tuple(c for c in EBM_EXTRA[kind] if any(f"{kind}/{c}" in j.metrics for j in ebm))
-                out += _variant_table(ebm, kind, EBM_VARIANTS[kind] + extra, title) + [""]
-            if any(j.untrained for j in ebm):
-                out += _untrained_table(ebm) + [""]
-    out.append("Published numbers: EBM per-category pixel AUROC from Genc et al. Table 2 (image AUROC only as a "
-               "15-category mean); DRAEM from Zavrtanik et al. Table 2; SSAE journal means. Sources in "
-               "`ebmad/reference/published.csv`. Δ = ours - published.")  # fmt: skip
+    return ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"
+
+
+def _commit(git: dict[str, Any]) -> str:
+    return (git.get("commit") or "unknown")[:12] + (" (uncommitted changes)" if git.get("dirty") else "")
+
+
+def header_lines(sweep: Sweep) -> list[str]:
+    """Jobs, command, commit, device and seeds of the sweep (one Markdown line each)."""
+    what = "Trials" if sweep.search else "Jobs"
+    asked = f" (n_trials={sweep.n_trials})" if sweep.search and sweep.n_trials is not None else ""
+    lines = [f"{what}: {_counts(sweep.jobs)}{asked}"]
+    if sweep.command:
+        lines.append(f"Command: `{sweep.command}`")
+    commits = dict.fromkeys(_commit(j.git) for j in sweep.jobs if j.git)
+    if commits:
+        lines.append("Commit: " + ", ".join(commits))
+    devices = dict.fromkeys(f"{j.device.get('type', '?')} ({j.device.get('name', '?')})" for j in sweep.jobs
+                            if j.device)  # fmt: skip
+    if devices:
+        lines.append("Device: " + ", ".join(devices))
+    if sweep.seeds and len(sweep.seeds) > 1:
+        lines.append(f"Seeds: {', '.join(sweep.seeds)}. {STD_NOTE}")
+    if sweep.search:
+        lines.append(f"Hyperparameter search: objective `{sweep.objective}` ({sweep.direction}); the tables below "
+                     "show the best trial, every trial is in the ranking and in report.csv.")  # fmt: skip
+    return lines
+
+
+def render_markdown(sweep: Sweep | list[Job], sweep_dir: Path | None = None) -> str:
+    if not isinstance(sweep, Sweep):  # a list of jobs (older callers)
+        sweep = Sweep(Path(sweep_dir or "."), list(sweep))
+    out = [f"# ebmad sweep report: `{sweep.folder}`", ""]
+    out += [line for h in header_lines(sweep) for line in (h, "")]
+    if sweep.search:
+        out += table_md(trials_table(sweep)) + [""]
+    for setting in report_settings(sweep):
+        sel = [j for j in sweep.jobs if j.setting == setting]
+        out += [f"## Setting: `{setting}`", "", *setting_lines(sel), ""]
+        for t in setting_tables(sel):
+            out += table_md(t) + [""]
+    bad = not_completed_table(sweep.jobs)
+    if bad.rows:
+        out += table_md(bad) + [""]
+    out.append(PUBLISHED_NOTE)
     return "\n".join(out) + "\n"
 
 
-def write_csv(jobs: list[Job], path: Path) -> None:
-    keys = sorted({k for j in jobs for k in j.metrics if isinstance(j.metrics[k], int | float)})
-    heads = [m for m, _ in METRICS]
+# Kept for callers of the Markdown lines of one table.
+def _metric_table(jobs: list[Job], metric: str, title: str) -> list[str]:
+    return table_md(metric_table(jobs, metric, title))
+
+
+def _variant_table(jobs: list[Job], kind: str, columns: tuple[str, ...], title: str) -> list[str]:
+    return table_md(variant_table(jobs, kind, columns, title))
+
+
+def _untrained_table(jobs: list[Job]) -> list[str]:
+    return table_md(untrained_table(jobs))
+
+
+# ----------------------------------------------------------------------------------------- CSV
+HEADLINES = tuple(m for m, _ in METRICS)
+
+
+def csv_columns(jobs: Sequence[Job]) -> tuple[list[str], list[str]]:
+    """(all columns, the metric keys among them); every column name is unique."""
+    keys = sorted({k for j in jobs for k, v in j.metrics.items() if isinstance(v, int | float)})
+    cols = ["setting", "model", "category", "seed", "row", "status", "n", *(f"headline_{m}" for m in HEADLINES),
+            "image_score", "pixel_map", *keys, *(f"paper_{m}" for m in HEADLINES), "objective", "trial",
+            "folder", "error"]  # fmt: skip
+    dup = sorted({c for c in cols if cols.count(c) > 1})
+    if dup:
+        raise ValueError(f"report.csv would repeat the columns {dup}")
+    return cols, keys
+
+
+def _num(v: float | None) -> str | float:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+
+def write_csv(jobs: list[Job] | Sweep, path: Path) -> None:
+    """Every job (row=run), then per (setting, model, category) and per (setting, model) over categories
+    the aggregate rows: row=mean and, with several seeds, row=std (sample std), n = completed seeds."""
+    sweep = jobs if isinstance(jobs, Sweep) else None
+    jobs = sweep.jobs if sweep else jobs
+    cols, keys = csv_columns(jobs)
+    multi = _multi_seed(jobs)
+    rows: list[dict[str, Any]] = []
+    for j in jobs:
+        rows.append({"setting": j.setting, "model": j.model, "category": j.category, "seed": j.seed, "row": "run",
+                     "status": j.status, "n": int(j.done), **{f"headline_{m}": _num(j.headline.get(m)) for m in HEADLINES},
+                     "image_score": j.scores.get("image_auroc", ""), "pixel_map": j.scores.get("pixel_auroc", ""),
+                     **{k: _num(j.metrics.get(k)) for k in keys},
+                     **{f"paper_{m}": _num(PUBLISHED.get(j.model, j.category, m)) for m in HEADLINES},
+                     "objective": _num(j.objective), "trial": "" if j.trial is None else j.trial,
+                     "folder": j.folder or "", "error": j.error})  # fmt: skip
+    kinds = ("mean", "std") if multi else ("mean",)
+    for setting in sorted({j.setting for j in jobs}):
+        for model in models_of(j for j in jobs if j.setting == setting):
+            sel = [j for j in jobs if j.setting == setting and j.model == model]
+            base = {"setting": setting, "model": model, "seed": ""}
+            for cat in _categories(sel):
+                group = [j for j in sel if j.category == cat]
+                stats = {m: stat(group, _headline_of(m)) for m in HEADLINES} | {
+                    k: stat(group, _metric_of(k)) for k in keys
+                }
+                n = next(iter(stats.values())).n if stats else 0
+                n = max((s.n for s in stats.values()), default=0)
+                for kind in kinds:
+                    rows.append({**base, "category": cat, "row": kind, "n": n, "status": _status(group, False, True),
+                                 **{(f"headline_{k}" if k in HEADLINES else k): _num(getattr(s, kind)) for k, s in stats.items()},
+                                 **{f"paper_{m}": _num(PUBLISHED.get(model, cat, m)) for m in HEADLINES}})  # fmt: skip
+            means = {m: category_mean(sel, _headline_of(m)) for m in HEADLINES} | {
+                k: category_mean(sel, _metric_of(k)) for k in keys
+            }
+            papers = {m: PUBLISHED.mean_over(model, m, means[m].categories)[0] for m in HEADLINES}
+            cm = means["image_auroc"]
+            for kind in kinds:
+                rows.append({**base, "category": "mean", "row": kind, "n": cm.n_seeds,
+                             "status": f"{len(cm.categories)}/{cm.n_all} categories",
+                             **{(f"headline_{k}" if k in HEADLINES else k): _num(getattr(c, kind)) for k, c in means.items()},
+                             **{f"paper_{m}": _num(papers[m]) for m in HEADLINES}})  # fmt: skip
     with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["setting", "model", "category", "status", *heads, *keys, *(f"paper_{m}" for m in heads),
-                    "folder", "error"])  # fmt: skip
-        for j in jobs:
-            w.writerow([j.setting, j.model, j.category, j.status, *(j.headline.get(m, "") for m in heads),
-                        *(j.metrics.get(k, "") for k in keys), *(PUBLISHED.get((j.model, j.category, m), "")
-                        for m in heads), j.folder or "", j.error])  # fmt: skip
-        for setting in sorted({j.setting for j in jobs}):
-            for model in _models([j for j in jobs if j.setting == setting]):
-                done = [
-                    j for j in jobs if j.setting == setting and j.model == model and j.status == "completed"
-                ]
-                w.writerow([setting, model, "mean", f"{len(done)} completed",
-                            *(_fmt(_mean([j.headline.get(m) for j in done])) for m in heads),
-                            *(_fmt(_mean([j.metrics.get(k) for j in done])) for k in keys),
-                            *(PUBLISHED.get((model, "mean", m), "") for m in heads), "", ""])  # fmt: skip
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
 
 
-def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None,
-                 categories: list[str] | None = None) -> tuple[Path, Path, list[Job]]:  # fmt: skip
-    """Write report.md and report.csv; returns their paths and the jobs."""
-    sweep_dir = Path(sweep_dir)
+# ----------------------------------------------------------------------------------------- entry points
+def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, categories: list[str] | None = None,
+                 formats: Sequence[str] = FORMATS, wandb: bool = True) -> tuple[Path, Path, list[Job]]:  # fmt: skip
+    """Write report.md, report.csv and report.html (``formats``); returns the .md/.csv paths and the jobs.
+
+    With ``wandb`` the summary is also logged as a W&B table when the sweep's runs used the W&B logger."""
+    paths = write_reports(sweep_dir, out_dir, categories, formats, wandb)
+    sweep = paths.pop("sweep")
+    out = Path(out_dir or sweep_dir)
+    return paths.get("md", out / "report.md"), paths.get("csv", out / "report.csv"), sweep.jobs
+
+
+def write_reports(sweep_dir: str | Path, out_dir: str | Path | None = None, categories: list[str] | None = None,
+                  formats: Sequence[str] = FORMATS, wandb: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Write the report in ``formats``; returns {format: path} and {"sweep": the Sweep}."""
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        raise ValueError(f"unknown report format(s) {bad}; choose from {list(FORMATS)}")
+    sweep = load_sweep(sweep_dir, categories)
     out = Path(out_dir or sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = collect_jobs(sweep_dir, categories)
-    md, cs = out / "report.md", out / "report.csv"
-    md.write_text(render_markdown(jobs, sweep_dir))
-    write_csv(jobs, cs)
-    return md, cs, jobs
+    paths: dict[str, Any] = {"sweep": sweep}
+    if "md" in formats:
+        paths["md"] = out / "report.md"
+        paths["md"].write_text(render_markdown(sweep))
+    if "csv" in formats:
+        paths["csv"] = out / "report.csv"
+        write_csv(sweep, paths["csv"])
+    if "html" in formats:
+        from ebmad.report_html import write_html  # matplotlib: only for the HTML report
+
+        paths["html"] = write_html(sweep, out / "report.html")
+    if wandb:
+        from ebmad.report_wandb import log_summary
+
+        log_summary(sweep)
+    return paths
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sweep_dir", help="a multirun folder, e.g. logs/paper/sweeps/default")
-    ap.add_argument("--out", help="where to write report.md / report.csv (default: the sweep folder)")
+    ap.add_argument("--out", help="where to write the report files (default: the sweep folder)")
     ap.add_argument(
         "--categories", nargs="+", help="categories expected (default: from the sweep's multirun.yaml)"
     )
+    ap.add_argument("--format", nargs="+", choices=FORMATS, default=list(FORMATS), dest="formats",
+                    help="which files to write (default: all)")  # fmt: skip
+    ap.add_argument("--no-wandb", action="store_true", help="do not log the summary to W&B")
     a = ap.parse_args(argv)
-    md, cs, _ = write_report(a.sweep_dir, a.out, a.categories)
-    print(md.read_text())
-    print(f"wrote {md} and {cs}")
+    paths = write_reports(a.sweep_dir, a.out, a.categories, a.formats, wandb=not a.no_wandb)
+    if "md" in paths:
+        print(paths["md"].read_text())
+    print("wrote " + ", ".join(str(paths[f]) for f in FORMATS if f in paths))
     return 0
 
 
@@ -377,15 +530,24 @@ except ImportError:  # pragma: no cover
 
 
 class SweepSummary(Callback):
-    """Hydra callback: after a multirun, write report.md/report.csv into the sweep folder and print it."""
+    """Hydra callback: after a multirun, write the report into the sweep folder and print it."""
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             return
-        md, _, jobs = write_report(sweep_dir)
-        bad = [j for j in jobs if j.status != "completed"]
-        print(md.read_text(), flush=True)
+        try:
+            paths = write_reports(sweep_dir)
+        except Exception:  # the tables matter most: keep them when the figures or W&B fail
+            log.exception(
+                "could not write the HTML report of %s; writing report.md and report.csv only", sweep_dir
+            )
+            paths = write_reports(sweep_dir, formats=("md", "csv"), wandb=False)
+        jobs = paths["sweep"].jobs
+        print(paths["md"].read_text(), flush=True)
+        if "html" in paths:
+            print(f"HTML report: {paths['html']}", flush=True)
+        bad = [j for j in jobs if not j.done]
         if bad:
             log.warning("%d of %d jobs not completed: %s", len(bad), len(jobs),
                         ", ".join(f"{j.category}[{j.setting}]={j.status}" for j in bad))  # fmt: skip

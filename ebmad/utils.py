@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -108,3 +109,9 @@ def append_csv_rows(path: Path, fields: list[str], rows: list[dict[str, Any]]) -
         if new:
             w.writeheader()
         w.writerows(rows)
+
+
+def did_you_mean(word: str, choices: list[str], prefix: str = "") -> str:
+    """``"; did you mean '<prefix><closest>'?"`` for the closest of ``choices`` (difflib), or ``""``."""
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f"; did you mean '{prefix}{close[0]}'?" if close else ""

@@ -22,10 +22,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import onnxruntime
-import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+from ebmad.checkpointing import load_checkpoint_file
 from ebmad.export import export
 from ebmad.predict import predict
 from ebmad.train import CONF_DIR
@@ -77,7 +77,7 @@ def main() -> int:
         n = runs[0]["scored"] + runs[0]["failed"]
         best = min(s["time_s"] for s in runs)
         best_score = min(s["score_s"] for s in runs)
-        hp = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)["hyper_parameters"]
+        hp = load_checkpoint_file(ckpt, mmap=True)["hyper_parameters"]
         row = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "backend": backend,
                "device": f"cpu:{dev['name']}", "threads": dev["threads"], "image_size": hp["image_size"],
                "in_channels": hp["in_channels"], "n_images": n, "batch_size": a.batch_size, "repeats": a.repeats,

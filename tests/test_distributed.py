@@ -68,10 +68,13 @@ def test_ddp_training_in_a_multirun(synth_root, tmp_path):
         assert stats["world_size"] == 2 and stats["count"] == 16
 
 
+STEPS = 150  # the signal lands after 3 steps; the resumed leg trains the rest
+
+
 @pytest.mark.parametrize("sig", ["SIGTERM", pytest.param("SIGUSR1", marks=pytest.mark.slow)])
 def test_signal_saves_checkpoint_and_next_start_resumes(synth_root, tmp_path, sig):
     out = tmp_path / "job"
-    args = [sys.executable, "-m", "ebmad.train", *tiny_overrides(synth_root), "trainer.max_steps=400",
+    args = [sys.executable, "-m", "ebmad.train", *tiny_overrides(synth_root), f"trainer.max_steps={STEPS}",
             "callbacks.model_checkpoint.every_n_train_steps=1000", "logger=wandb", f"hydra.run.dir={out}"]  # fmt: skip
     env = {**os.environ, "WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen(
@@ -90,13 +93,13 @@ def test_signal_saves_checkpoint_and_next_start_resumes(synth_root, tmp_path, si
     state = json.loads((out / "results.json").read_text())
     assert state["status"] == "interrupted"
     stopped_at = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
-    assert 0 < stopped_at < 400 and stopped_at == state["global_step"]
+    assert 0 < stopped_at < STEPS and stopped_at == state["global_step"]
     run_id = (out / "wandb_run_id").read_text().strip()
 
     p = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     done = json.loads((out / "results.json").read_text())
-    assert done["status"] == "completed" and done["global_step"] == 400
+    assert done["status"] == "completed" and done["global_step"] == STEPS
     assert done["resumed_from_step"] == stopped_at
     assert (out / "wandb_run_id").read_text().strip() == run_id
     runs = sorted(wandb_dir.glob("offline-run-*"))

@@ -86,12 +86,15 @@ def test_a_checkpoint_is_scored_with_new_scoring_options_and_names_settings_it_i
 ):
     fit = run(make_cfg("eval.untrained_reference=false", "data.val_fraction=0.25", out=tmp_path / "fit"))
     ckpt = tmp_path / "fit" / "checkpoints" / "last.ckpt"
-    with caplog.at_level("WARNING", logger="ebmad"):
+    with caplog.at_level("INFO", logger="ebmad"):
         res = run(make_cfg("train=false", f"ckpt_path={ckpt}", "model.map_sigmas=[0,1]", "model.sgld_steps=7",
                            "model.default_pixel_map=a_ms", "eval.untrained_reference=false", out=tmp_path / "eval"))  # fmt: skip
-    # a training setting: the checkpoint's is used, and the warning says so
-    assert "model.sgld_steps=7 (checkpoint: 5)" in caplog.text and "NOT used" in caplog.text
-    assert "map_sigmas" not in caplog.text
+    # a training setting: the checkpoint's is used, and one info line says so (no warning: nothing is wrong)
+    noted = [r.getMessage() for r in caplog.records if "not used at evaluation" in r.getMessage()]
+    assert (
+        len(noted) == 1 and "model.sgld_steps=7 (checkpoint: 5)" in noted[0] and "map_sigmas" not in noted[0]
+    )
+    assert not [r for r in caplog.records if r.levelno >= 30 and r.name == "ebmad"]
     # scoring options: applied to the checkpoint's weights and statistics
     assert res["pixel_map"] == "a_ms" and "pixel_auroc/a_ms" in res["metrics"]
     assert res["metrics"]["pixel_auroc/a_std_l2"] == pytest.approx(fit["metrics"]["pixel_auroc/a_std_l2"])

@@ -104,7 +104,9 @@ def test_cli_on_mixed_folder_keeps_going_past_a_truncated_file(ckpt, mixed_folde
             Image.open(out / "overlays" / f"{stem}.png"),
             Image.open(out / "masks" / f"{stem}.png"),
         )
-        assert overlay.size == mask.size == (w, h) and overlay.mode == "RGB"
+        assert mask.size == (w, h) and overlay.mode == "RGB"  # the overlay has its legend strip below
+        assert overlay.width == max(w, 420) and overlay.height > h
+        assert float(row["image_threshold"]) == image_thr and float(row["pixel_threshold"]) == pixel_thr
         m = np.asarray(mask) > 0
         assert int(row["defect_area_px"]) == int(m.sum()) and (int(row["width"]), int(row["height"])) == (
             w,

@@ -20,7 +20,8 @@ Every image goes through the same steps; each case is either handled or refused 
   stretched, not cropped or padded, so a category may mix image sizes.
 - masks: a pixel is defective when its value exceeds half of full scale (> 127 of 255, > 32767 of
   65535; any channel for colour masks; transparent = not defective), resized with nearest
-  neighbour. A mask of another size than its image is accepted when the aspect ratios agree (within
+  neighbour (``rule="half"``, MVTec AD and AD 2); or, for VisA (``rule="nonzero"``), when its stored
+  value is non-zero, resized bilinearly as 0/1 and binarized at 0.5. A mask of another size than its image is accepted when the aspect ratios agree (within
   1%) and refused otherwise.
 """
 
@@ -162,13 +163,19 @@ def same_aspect(a: tuple[int, int], b: tuple[int, int], tolerance: float = ASPEC
     return abs(ra - rb) <= tolerance * rb
 
 
-def load_mask(path: Path, size: int | tuple[int, int], expected_size: tuple[int, int], image_path: Path
-              ) -> torch.Tensor:  # fmt: skip
-    """Binary mask (size, size) (or (H, W) for ``size`` = (W, H)), resized with nearest neighbour; checks it fits its image.
+def load_mask(path: Path, size: int | tuple[int, int], expected_size: tuple[int, int], image_path: Path,
+              rule: str = "half") -> torch.Tensor:  # fmt: skip
+    """Binary mask (size, size) (or (H, W) for ``size`` = (W, H)); checks it fits its image.
 
+    ``rule="half"`` (MVTec): defective above half of full scale, resized with nearest neighbour.
+    ``rule="nonzero"`` (VisA, masks stored as 0/1 or 0/255): defective where the stored value is non-zero
+    (any channel, transparent = not defective), then resized as a 0/1 image (bilinear) and binarized at
+    0.5, so a resize neither grows nor shrinks a region.
     A mask of another size than its image (``expected_size``, width x height) is accepted when the
     aspect ratios agree: both are stretched to ``size`` x ``size``, so they stay aligned.
     """
+    if rule not in ("half", "nonzero"):
+        raise ValueError(f"mask rule must be 'half' or 'nonzero', got {rule!r}")
     img = open_image(path)
     if img.size != expected_size and not same_aspect(img.size, expected_size):
         raise DatasetError(
@@ -176,6 +183,11 @@ def load_mask(path: Path, size: int | tuple[int, int], expected_size: tuple[int,
             f"{expected_size[0]}x{expected_size[1]} (different aspect ratio: the mask cannot be aligned)"
         )
     img = normalize_mode(img, path)
+    if rule == "nonzero":
+        arr = np.asarray(img)
+        on = (arr.max(axis=2) if arr.ndim == 3 else arr) > 0
+        resized = _resize(Image.fromarray(on.astype(np.float32), "F"), size, Image.BILINEAR)
+        return torch.from_numpy(np.asarray(resized) > 0.5)
     if img.mode == "F":
         return torch.from_numpy(np.asarray(_resize(img, size, Image.NEAREST)) > 0.5)
     arr = np.asarray(img)

@@ -24,7 +24,7 @@ RESOLUTIONS = ("model", "native")
 def native_masks(meta: Sequence[Any]) -> list[torch.Tensor]:
     """Each test image's mask at its original size (same rule as training: > half of full scale).
 
-    ``meta``: :class:`ebmad.data.mvtec.TestItem` s (``image``, ``mask`` path or None).
+    ``meta``: :class:`ebmad.data.layout.TestItem` s (``image``, ``mask`` path or None, ``mask_rule``).
     """
     masks = []
     for item in meta:
@@ -35,7 +35,9 @@ def native_masks(meta: Sequence[Any]) -> list[torch.Tensor]:
         if item.mask is None:
             masks.append(torch.zeros(h, w, dtype=torch.bool))
         else:
-            masks.append(load_mask(item.mask, (w, h), (w, h), item.image))
+            masks.append(
+                load_mask(item.mask, (w, h), (w, h), item.image, rule=getattr(item, "mask_rule", "half"))
+            )
     return masks
 
 

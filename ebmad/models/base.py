@@ -84,8 +84,11 @@ class AnomalyModule(pl.LightningModule):
         scores, maps = [], []
         was_training = self.training
         self.eval()
-        for batch in batches:
+        for i, batch in enumerate(batches):
             images, pixel_maps = self.score(batch["image"].to(self.device))
+            check_finite_scores({self.DEFAULT_IMAGE_SCORE: images[self.DEFAULT_IMAGE_SCORE],
+                                 self.DEFAULT_PIXEL_MAP: pixel_maps[self.DEFAULT_PIXEL_MAP]},
+                                f"defect-free images for the thresholds, batch {i}")  # fmt: skip
             scores.append(images[self.DEFAULT_IMAGE_SCORE].detach().cpu())
             maps.append(pixel_maps[self.DEFAULT_PIXEL_MAP].detach().cpu())
         self.train(was_training)

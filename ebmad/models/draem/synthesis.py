@@ -3,7 +3,8 @@
 As the official ``augment_image``: mask M from thresholded, rotated Perlin noise; texture A
 augmented by 3 random operations; I_a = I (1 - M) + (1 - b) A M + b I M with b ~ U[0, 0.8);
 half of the images (p = 0.5) are left clean with an all-zero mask, and an image whose Perlin mask
-came out empty counts as normal (has_anomaly 0).
+came out empty counts as normal (has_anomaly 0). Composed from the shared :mod:`ebmad.synthesis`
+pieces (Perlin masks, texture sources, blend); ``blend`` stays importable from here.
 """
 
 from __future__ import annotations
@@ -12,17 +13,13 @@ import torch
 from kornia.color import rgb_to_grayscale
 
 from ebmad.models.draem.augment import rand_augment
-from ebmad.models.draem.perlin import rand_perlin_mask
-from ebmad.models.draem.textures import TextureSource
+from ebmad.synthesis.blend import blend
+from ebmad.synthesis.perlin import rand_perlin_mask
+from ebmad.synthesis.textures import TextureSource
 
 BETA_MAX = 0.8  # official: beta = torch.rand(1) * 0.8
 CLEAN_PROB = 0.5  # official: no_anomaly = torch.rand(1) > 0.5
-
-
-def blend(image: torch.Tensor, texture: torch.Tensor, mask: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """I (1 - M) + (1 - beta) A M + beta I M; ``beta`` is a scalar or one value per image (B,)."""
-    beta = beta.view(-1, *([1] * (image.dim() - 1))) if torch.is_tensor(beta) and beta.dim() else beta
-    return image * (1 - mask) + (1 - beta) * texture * mask + beta * image * mask
+__all__ = ["BETA_MAX", "CLEAN_PROB", "blend", "synthesize"]
 
 
 def synthesize(

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ebmad.models.ssae.textures import FolderTextures, value_noise
+from ebmad.synthesis.textures import FolderTextures, value_noise  # shared with DRAEM and validation
 
 FILLS = ("texture", "elastic", "color")
 

@@ -1,0 +1,90 @@
+"""Build a run's parts from its config: datamodule, model, callbacks, loggers; and the config checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+
+from ebmad.checkpointing import validate_checkpoint
+from ebmad.data import AnomalyDataModule
+from ebmad.data.synthetic import generate_category
+from ebmad.jobs import wandb_run_id
+from ebmad.models import AnomalyModule
+
+DataModule = AnomalyDataModule  # one datamodule for every dataset layout (ebmad.data)
+
+
+def instantiate(node: Any, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, re-raising our own configuration errors unwrapped (they name the key)."""
+    try:
+        return hydra.utils.instantiate(node, _convert_="all", **kwargs)
+    except InstantiationException as exc:
+        if isinstance(exc.__cause__, ValueError | OSError):
+            raise exc.__cause__ from None
+        raise
+
+
+def build_datamodule(cfg: DictConfig) -> DataModule:
+    """Instantiate the datamodule; writes the synthetic category first when ``data.synthetic`` is set."""
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    synth = data_cfg.pop("synthetic", None)
+    if synth:
+        generate_category(data_cfg["root"], data_cfg["category"], **synth)
+    return instantiate(data_cfg)
+
+
+def build_model(cfg: DictConfig, dm: DataModule) -> AnomalyModule:
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    if model_cfg.get("in_channels") in (None, "auto"):
+        model_cfg["in_channels"] = dm.num_channels
+    return instantiate(model_cfg)
+
+
+def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+
+
+def build_loggers(cfg: DictConfig, out: Path, model_type: str = "ebm") -> list[Any]:
+    """The configured loggers; a W&B run is named ``<name>-<model>`` and tagged with the model type, so the
+    models of one sweep (one W&B group) can be told apart and compared."""
+    loggers = []
+    for c in (cfg.get("logger") or {}).values():
+        if not c or "_target_" not in c:
+            continue
+        if c._target_.endswith("WandbLogger"):
+            tags = [*(c.get("tags") or []), f"model:{model_type}"]
+            loggers.append(instantiate(c, id=wandb_run_id(out), resume="allow", name=f"{c.name}-{model_type}",
+                                       tags=tags))  # fmt: skip
+        else:
+            loggers.append(instantiate(c))
+    return loggers
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Reject settings that would give silently wrong numbers."""
+    if cfg.trainer.get("inference_mode", True):
+        raise ValueError(
+            "trainer.inference_mode must be false: gradient-map scores need autograd at test time"
+        )
+    if not cfg.train and cfg.test and not cfg.get("ckpt_path"):
+        raise ValueError("train=false test=true needs ckpt_path=<path to a checkpoint written after fit>")
+    if cfg.get("ckpt_path"):
+        if not Path(cfg.ckpt_path).is_file():
+            raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")
+        validate_checkpoint(cfg.ckpt_path, config_model_type(cfg), image_size=cfg.data.image_size,
+                            in_channels=cfg.data.get("channels"))  # fmt: skip
+
+
+def config_model_type(cfg: DictConfig) -> str:
+    """The model type the config selects (``model=...``)."""
+    target = str(cfg.model.get("_target_", ""))
+    module, _, cls = target.rpartition(".")
+    try:
+        return hydra.utils.get_class(target).MODEL_TYPE
+    except Exception as exc:
+        raise ValueError(f"model._target_={target!r} is not an ebmad model ({module}.{cls})") from exc
