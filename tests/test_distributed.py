@@ -20,6 +20,7 @@ def scores(path):
         return {r["index"]: r for r in csv.DictReader(fh)}
 
 
+@pytest.mark.slow  # two gloo processes + one reference run: ~65 s on 2 cores (make test-all)
 def test_ddp_two_processes_match_one_process(synth_root, tmp_path):
     # one set of weights, trained once
     base = [*tiny_overrides(synth_root), "logger=none"]

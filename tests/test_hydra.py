@@ -52,6 +52,7 @@ def cli(*args, cwd=REPO, timeout=600):
                           text=True, timeout=timeout)  # fmt: skip
 
 
+@pytest.mark.slow  # covered in the default run by tests/test_sweep.py::test_multirun_over_two_categories_then_report
 def test_two_job_multirun_writes_one_result_per_job(synth_root, tmp_path):
     sweep = tmp_path / "sweep"
     overrides = [o for o in tiny_overrides(synth_root) if not o.startswith("data.category")]
@@ -64,6 +65,7 @@ def test_two_job_multirun_writes_one_result_per_job(synth_root, tmp_path):
     assert p.stdout.count("RESULT category=") == 2
 
 
+@pytest.mark.slow  # in-process: test_train round trip, test_first_hour evaluation from a checkpoint
 def test_cli_evaluates_a_checkpoint(synth_root, tmp_path):
     p = cli(*tiny_overrides(synth_root), "logger=none", f"hydra.run.dir={tmp_path / 'fit'}")
     assert p.returncode == 0, p.stderr[-3000:]
@@ -76,6 +78,7 @@ def test_cli_evaluates_a_checkpoint(synth_root, tmp_path):
     assert a == b
 
 
+@pytest.mark.slow  # the default run has tests/test_first_hour.py::test_an_ebmad_error_is_one_line_without_traceback
 def test_cli_reports_bad_input_clearly(tmp_path):
     p = cli(
         "data=mvtec", f"data.root={tmp_path / 'missing'}", "logger=none", f"hydra.run.dir={tmp_path / 'x'}"
