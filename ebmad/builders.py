@@ -10,7 +10,6 @@ import pytorch_lightning as pl
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-from ebmad.checkpointing import validate_checkpoint
 from ebmad.data import AnomalyDataModule
 from ebmad.data.synthetic import generate_category
 from ebmad.jobs import wandb_run_id
@@ -73,11 +72,10 @@ def check_config(cfg: DictConfig) -> None:
         )
     if not cfg.train and cfg.test and not cfg.get("ckpt_path"):
         raise ValueError("train=false test=true needs ckpt_path=<path to a checkpoint written after fit>")
-    if cfg.get("ckpt_path"):
-        if not Path(cfg.ckpt_path).is_file():
-            raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")
-        validate_checkpoint(cfg.ckpt_path, config_model_type(cfg), image_size=cfg.data.image_size,
-                            in_channels=cfg.data.get("channels"))  # fmt: skip
+    # an existing ckpt_path was validated (and the config aligned with it) by
+    # ebmad.restore.adopt_checkpoint_settings before this check
+    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")
 
 
 def config_model_type(cfg: DictConfig) -> str:

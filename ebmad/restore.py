@@ -81,9 +81,11 @@ def adopt_checkpoint_settings(cfg: DictConfig) -> None:
 
 
 def load_for_test(cfg: DictConfig, dm: DataModule) -> AnomalyModule:
-    """A module from a checkpoint with its own architecture; test-time options from the config."""
+    """A module from a checkpoint with its own architecture; test-time options from the config.
+
+    The checkpoint was validated and the config aligned with it by :func:`adopt_checkpoint_settings`.
+    """
     kind = config_model_type(cfg)
-    validate_checkpoint(cfg.ckpt_path, kind, dm.image_size, dm.num_channels)
     load = dict(
         pixel_auroc_thresholds=cfg.model.get("pixel_auroc_thresholds"),
         n_examples=cfg.model.get("n_examples", 8),
