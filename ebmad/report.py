@@ -301,7 +301,10 @@ def validation_note(model: str, data: dict[str, Any], jobs: list[Job]) -> str:
         return ""
     kinds = list(data.get("val_kinds") or ["spots_scratches"])
     note = f"; label-free validation on {', '.join(kinds)}"
-    trained = favoured(kinds, [model])[model]
+    recorded = [
+        j.trains_on for j in jobs if j.trains_on is not None
+    ]  # per run: its options decide (EBM oe_*)
+    trained = sorted({k for t in recorded for k in t}) if recorded else favoured(kinds, [model])[model]
     if trained:
         note += f" (**{model} trains on {', '.join(trained)}: its validation score is favoured**)"
     return note

@@ -104,6 +104,7 @@ class Job:
     device: dict[str, Any] = field(default_factory=dict)
     recipe: str = ""  # the model/recipe override, e.g. ebm_tiny
     examples: Path | None = None  # <run>/examples.npz when written
+    trains_on: list[str] | None = None  # the validation kinds its training also draws (recorded by the run)
 
     @property
     def done(self) -> bool:
@@ -277,6 +278,7 @@ def _read_job(folder: Path, sweep_keys: set[str] | None) -> Job:
         objective=_objective(res, cfg.get("optimized_metric")), trial=_job_num(folder), params=params,
         git=res.get("git") or {}, device=res.get("device") or {}, recipe=recipe,
         examples=examples if examples.is_file() else None,
+        trains_on=(res.get("validation_set") or {}).get("trains_on_validation_kinds"),
     )  # fmt: skip
 
 

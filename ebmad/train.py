@@ -45,7 +45,7 @@ from ebmad.models import AnomalyModule
 from ebmad.outputs import result_line, write_outputs
 from ebmad.restore import adopt_checkpoint_settings, load_for_test
 from ebmad.selection import ValidationCheckpoint, per_kind_scores, score_validation
-from ebmad.synthesis import describe, favoured
+from ebmad.synthesis import describe
 from ebmad.untrained import untrained_reference
 from ebmad.utils import PROJECT_ROOT
 
@@ -72,6 +72,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = cfg.get("ckpt_path") or resume_ckpt
     start_step = checkpoint_step(ckpt_path) if ckpt_path else 0
     dm = build_datamodule(cfg)
+    dm.test_needed = bool(cfg.test)
     pl.seed_everything(
         cfg.seed, workers=True
     )  # right before the model: its initial weights depend on the seed only
@@ -97,10 +98,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if cfg.test and trainer.is_global_zero:
             extra = {"validation": validation, "resumed_from_step": start_step if cfg.train else None,
                      "selection": selection, "tested_checkpoint": tested or ("last" if cfg.train else cfg.ckpt_path)}  # fmt: skip
-            if validation:
+            if validation:  # and the synthetic anomalies the model trains on: validating on them favours it
+                trained = list(model.training_anomaly_kinds())
                 extra["validation_set"] = {**describe(dm.val_kinds, dm.seed, dm.val_texture_dir, dm.val_strengths),
-                                           "trains_on_validation_kinds": favoured(dm.val_kinds, [model.MODEL_TYPE])[
-                                               model.MODEL_TYPE]}  # fmt: skip
+                                           "trains_on_validation_kinds": [k for k in dm.val_kinds if k in trained],
+                                           "model_trains_on": trained}  # fmt: skip
             extra.update(evaluate_test_set(cfg, model, dm, trainer, loggers, out, timings))
             results = write_outputs(out, cfg, model, dm, trainer, timings, extra)
     except NonFiniteError as exc:  # training's own guard, or NaN/inf found after training: status diverged

@@ -23,6 +23,13 @@ recovery policy restore + lower_lr + reset_buffer (``persistent``), and ``plus``
 per-image input normalization, brightness/flip augmentation of the positives and an EMA of the weights.
 All compute the multi-scale map (``model.map_sigmas``) and the patch energy as extra scores, and log
 spikes (``spikes.csv``; detection starts after 50 steps).
+
+Energy against synthetic anomalies (issue 19, ``experiment=ebm_oe``): the ``oe_*`` recipes are ``plus_sg``
+(= ``experiment=ebm_plus``) with Liu et al.'s energy margins on DRAEM-style anomalies (``model.oe_weight``;
+textures from ``--textures``, DTD by default when present), validated on kinds their training does not draw
+(``data.val_kinds=[warp,color]``, strengths 0.2/0.4/0.8); ``plus_val`` is ``plus_sg`` validated the same way
+and ``plus_lr5e-4`` its learning-rate control. ``draem`` is DRAEM at the same budget (size, steps, batch 16;
+widths 32/16, DTD). ``--summary --recipes oe_patch oe_both ...`` selects among the given recipes only.
 """
 
 from __future__ import annotations
@@ -59,6 +66,29 @@ RECIPES: dict[str, list[str]] = {  # the spike detector logs in every recipe; re
              "model.alpha=0.1", "model.input_norm=instance", "model.aug_brightness=0.1", "model.aug_hflip=0.5",
              "model.ema_decay=0.99"],
 }  # fmt: skip
+# energy trained against synthetic anomalies beside CD (issue 19): candidates of experiment=ebm_oe, all validated on
+# kinds the training does not draw (VALIDATION_OE); the chosen one is the recipe of conf/experiment/ebm_oe.yaml
+PLUS_SG = [*RECIPES["plus"], "model.stats_gains=[0.9,1.0,1.1]"]
+VALIDATION_OE = ["data.val_kinds=[warp,color]", "data.val_strengths=[0.2,0.4,0.8]"]
+OE = ["model.oe_weight=1.0", "model.combo_map=true"]
+MARGINS = ["model.oe_margin_in=-0.25", "model.oe_margin_out=0.25"]
+RECIPES.update({
+    "plus_val": [*PLUS_SG, *VALIDATION_OE],  # = experiment=ebm_plus, validated as the candidates are
+    "plus_lr5e-4": [*PLUS_SG, *VALIDATION_OE, "model.lr=5e-4"],  # control: the candidates' learning rate alone
+    "oe_patch": [*PLUS_SG, *VALIDATION_OE, *OE, "model.lr=5e-4", *MARGINS, "model.oe_level=patch"],
+    "oe_both": [*PLUS_SG, *VALIDATION_OE, *OE, "model.lr=5e-4", *MARGINS, "model.oe_level=both"],
+    "oe_images": [*PLUS_SG, *VALIDATION_OE, *OE, "model.lr=5e-4", *MARGINS, "model.oe_source=images"],
+    "oe_w5": [*PLUS_SG, *VALIDATION_OE, *OE, "model.lr=5e-4", *MARGINS, "model.oe_weight=5.0"],
+    "oe_lr1e-3": [*PLUS_SG, *VALIDATION_OE, *OE, "model.lr=1e-3", *MARGINS],
+    "oe_lr1e-4": [*PLUS_SG, *VALIDATION_OE, *OE, *MARGINS],  # ebm_plus's learning rate
+})  # fmt: skip
+# other models at the same budget (size, steps, batch): the first override names the model
+RECIPES["draem"] = [
+    "model=draem",
+    "model.recon_base_width=32",
+    "model.disc_base_width=16",
+    "model.schedule=code",
+]
 # rescored recipes: a base recipe's checkpoints scored with other scoring options (statistics refitted)
 RESCORED: dict[str, tuple[str, list[str]]] = {
     "plus_sg": ("plus", ["model.stats_gains=[0.9,1.0,1.1]", "refit_stats=true"]),
@@ -95,8 +125,9 @@ def run_one(recipe: str, category: str, seed: int, a: argparse.Namespace) -> dic
     seed) with other scoring options (refitting the statistics), validation and untrained reference included.
     """
     base, rescore = RESCORED.get(recipe, (recipe, []))
-    run_dir = LOG_DIR / ("quick" if a.quick else "") / f"{base}-{category}-s{seed}"
-    out = LOG_DIR / ("quick" if a.quick else "") / f"{recipe}-{category}-s{seed}"
+    budget = "" if a.steps == 100 or a.quick else f"-{a.steps}st"  # other budgets: their own folders
+    run_dir = LOG_DIR / ("quick" if a.quick else "") / f"{base}-{category}-s{seed}{budget}"
+    out = LOG_DIR / ("quick" if a.quick else "") / f"{recipe}-{category}-s{seed}{budget}"
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     if rescore and not ckpt.is_file():
         print(f"FAILED {out.name}: no checkpoint {ckpt} of recipe {base} to rescore", flush=True)
@@ -104,10 +135,18 @@ def run_one(recipe: str, category: str, seed: int, a: argparse.Namespace) -> dic
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    common = ["model=ebm", "data=mvtec", f"data.root={a.root}", f"data.category={category}", f"seed={seed}",
+    recipe_args = RECIPES[base]
+    model = recipe_args[0] if recipe_args and recipe_args[0].startswith("model=") else "model=ebm"
+    recipe_args = [o for o in recipe_args if o != model]
+    common = [model, "data=mvtec", f"data.root={a.root}", f"data.category={category}", f"seed={seed}",
               f"data.image_size={a.size}", "data.batch_size=16", "data.val_fraction=0.1", "logger=csv",
               "eval.figures=false"]  # fmt: skip
-    settings = [*RECIPES[base], *SCORING, *a.extra, f"trainer.max_steps={a.steps}", *rescore]
+    if any(o.startswith("model.oe_") for o in recipe_args) and a.textures:
+        recipe_args = [*recipe_args, f"model.oe_source_dir={a.textures}"]
+    if model == "model=draem" and a.textures:  # DRAEM's paper setting: DTD, as the oe_* recipes
+        recipe_args = [*recipe_args, f"model.anomaly_source_dir={a.textures}"]
+    scoring = SCORING if model == "model=ebm" else []
+    settings = [*recipe_args, *scoring, *a.extra, f"trainer.max_steps={a.steps}", *rescore]
     evaluate = ["train=false", f"ckpt_path={ckpt}"]
     args = ["-m", "ebmad.train", *common, *settings, *(evaluate if rescore else []), f"hydra.run.dir={out}"]
     t0 = time.perf_counter()
@@ -178,7 +217,8 @@ def select(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         names = runs[0].keys()
         images = [k for k in names if k.startswith("image_auroc/")]
         pixels = [k for k in names if k.startswith("pixel_auroc/")]
-        mean = lambda k, part, runs=runs: statistics.fmean(float(s[k][part]) for s in runs)  # noqa: E731
+        mean = lambda k, part, runs=runs: statistics.fmean(  # noqa: E731
+            float("nan") if s[k].get(part) is None else float(s[k][part]) for s in runs)  # fmt: skip
         for i in images:
             for p in pixels:
                 out.append({"recipe": recipe, "image_score": i.split("/")[1], "pixel_map": p.split("/")[1],
@@ -198,7 +238,8 @@ def summary(rows: list[dict[str, Any]]) -> None:
         best.setdefault(d["recipe"], d)
     dev = sorted({r["device"] for r in rows})
     print(f"\nDevice: {'; '.join(dev)}. Validation score: mean of validation image and pixel AUROC (held-out good "
-          "images and planted defects; no test label). Test numbers: means over categories and seeds.\n")  # fmt: skip
+          "images and the synthetic anomalies of each run's data.val_kinds; no test label). Test numbers: means over "
+          "categories and seeds.\n")  # fmt: skip
     print(
         "| recipe | image score | pixel map | validation | test image AUROC | untrained | test pixel AUROC | untrained |"
     )
@@ -221,7 +262,7 @@ def summary(rows: list[dict[str, Any]]) -> None:
             sc = [json.loads(r["scores_json"]) for r in runs]
 
             def col(key: str, part: str = "test", sc: list = sc) -> list[float]:
-                return [float(x[key][part]) for x in sc if x[key].get(part) is not None]
+                return [float(x[key][part]) for x in sc if (x.get(key) or {}).get(part) is not None]
 
             ms = lambda v: f"{statistics.fmean(v):.3f} ± {statistics.pstdev(v):.3f}" if v else "n/a"  # noqa: E731
             mean = lambda v: f"{statistics.fmean(v):.3f}" if v else "n/a"  # noqa: E731
@@ -230,6 +271,59 @@ def summary(rows: list[dict[str, Any]]) -> None:
                   f"{mean(col(p, 'untrained'))} | {runs[0]['paper_pixel_auroc']} | {mean(col('image_auroc/A_std_l2'))} / "
                   f"{mean(col('pixel_auroc/a_std_l2'))} | {mean(col(i, 'gain0.92'))} / "
                   f"{mean(col(i, 'gain1.08'))} | {sum(int(r['spikes']) for r in runs)} |")  # fmt: skip
+
+
+def oe_summary(rows: list[dict[str, Any]], candidates: list[str], plus: str = "plus_sg",
+               others: tuple[str, ...] = ("plus_val", "draem")) -> None:  # fmt: skip
+    """Issue 19's table: the oe_* candidate chosen by validation (with its score and map), per category beside
+    the untrained reference (same network at its initial weights, same score and map), ebm_plus, DRAEM at the
+    same budget and the paper; mean ± std over seeds."""
+    # selection on the selection stage's runs (seed 0 of every candidate: the same footing), then all seeds
+    table = select([r for r in rows if r["recipe"] in candidates and r["seed"] == "0"])
+    if not table:
+        print("no oe_* rows")
+        return
+    best: dict[str, dict[str, Any]] = {}
+    for d in table:
+        best.setdefault(d["recipe"], d)
+    print(
+        "\n| candidate | image score | pixel map | validation (warp, color) | runs | test image | test pixel |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for d in best.values():
+        n = sum(r["recipe"] == d["recipe"] and r["seed"] == "0" for r in rows)
+        print(f"| {d['recipe']} | {d['image_score']} | {d['pixel_map']} | {d['validation']:.3f} | {n} | "
+              f"{d['test_image']:.3f} | {d['test_pixel']:.3f} |")  # fmt: skip
+    b = table[0]
+    print(f"\nChosen without test labels: **{b['recipe']}** ({b['image_score']} / {b['pixel_map']}).\n")
+
+    def stats(
+        recipe: str, cat: str, image: str | None, pixel: str | None, part: str = "test"
+    ) -> tuple[str, str, int]:
+        runs = [json.loads(r["scores_json"]) for r in rows if r["recipe"] == recipe and r["category"] == cat]
+        out = []
+        for key in (f"image_auroc/{image}" if image else None, f"pixel_auroc/{pixel}" if pixel else None):
+            v = [float(x[key][part]) for x in runs if key and (x.get(key) or {}).get(part) is not None]
+            out.append(f"{statistics.fmean(v):.3f} ± {statistics.pstdev(v):.3f}" if v else "n/a")
+        return out[0], out[1], len(runs)
+
+    paper = paper_pixel()
+    print("| category | recipe | seeds | image AUROC | pixel AUROC | scores |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for cat in dict.fromkeys(r["category"] for r in rows):
+        i, p, n = stats(b["recipe"], cat, b["image_score"], b["pixel_map"])
+        print(f"| {cat} | **{b['recipe']}** | {n} | {i} | {p} | {b['image_score']} / {b['pixel_map']} |")
+        i, p, n = stats(b["recipe"], cat, b["image_score"], b["pixel_map"], "untrained")
+        print(f"| {cat} | untrained reference | {n} | {i} | {p} | {b['image_score']} / {b['pixel_map']} |")
+        for ref, (img, pix) in [(plus, ("A_ms_max", "a_ms")), *((o, REFERENCE_SCORES.get(o, ("A_ms_max", "a_ms")))
+                                                              for o in others)]:  # fmt: skip
+            i, p, n = stats(ref, cat, img, pix)
+            if n:
+                print(f"| {cat} | {ref} | {n} | {i} | {p} | {img} / {pix} |")
+        print(f"| {cat} | paper (Genc et al., 128x128) | | | {paper.get(cat, '')} | |")
+
+
+REFERENCE_SCORES = {"draem": ("max_pool21", "mask_prob"), "plus_val": ("A_ms_max", "a_ms")}  # their headlines
 
 
 def backfill(path: Path = CSV_PATH) -> None:
@@ -265,18 +359,29 @@ def main() -> int:
     ap.add_argument(
         "--extra", nargs="*", default=[], help="more overrides for every run (recorded in settings)"
     )
+    ap.add_argument("--textures", default=str(ROOT.parent / "shared" / "data" / "dtd" / "images"),
+                    help="texture folder of the oe_* recipes' synthetic anomalies (DTD); '' for procedural ones")  # fmt: skip
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS per run")
     ap.add_argument("--jobs", type=int, default=2, help="runs at the same time")
     ap.add_argument("--quick", action="store_true", help="3 steps, 16x16... a smoke test; nothing recorded")
     ap.add_argument("--summary", action="store_true", help="only print the selection from the recorded CSV")
+    ap.add_argument("--oe-summary", nargs="+", metavar="RECIPE",
+                    help="only print issue 19's table: the given oe_* candidates, the chosen one beside references")  # fmt: skip
     ap.add_argument("--backfill", action="store_true",
                     help="add every score's shifted-test AUROC to recorded rows from their run folders")  # fmt: skip
     a = ap.parse_args()
+    a.recipes_given = "--recipes" in sys.argv  # --summary: select among these recipes only
     if a.backfill:
         backfill()
-    if a.summary:
+    if a.oe_summary:
         with CSV_PATH.open() as fh:
             rows = [r for r in csv.DictReader(fh) if int(r["size"]) == a.size and int(r["steps"]) == a.steps]
+        oe_summary(rows, a.oe_summary)
+        return 0
+    if a.summary:
+        with CSV_PATH.open() as fh:
+            rows = [r for r in csv.DictReader(fh) if int(r["size"]) == a.size and int(r["steps"]) == a.steps
+                    and (r["recipe"] in a.recipes or not a.recipes_given)]  # fmt: skip
         summary(rows)
         return 0
     a.root = str(Path(a.root).resolve())

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 
 from ebmad.models.draem import DraemModule, DraemNet
-from ebmad.models.draem import augment as A
 from ebmad.models.draem.loss import draem_loss
 from ebmad.models.draem.perlin import perlin_noise, rand_perlin_mask
-from ebmad.models.draem.synthesis import blend, synthesize
+from ebmad.models.draem.synthesis import blend, synthesize  # the shared implementation, re-exported
 from ebmad.models.draem.textures import FolderTextures, ProceduralTextures
+from ebmad.synthesis import augment as A
 from ebmad.train import Preempted, run
 
 from conftest import assert_same_training_state, ckpt_state, compose_cfg, read_scores

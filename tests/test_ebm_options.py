@@ -32,7 +32,8 @@ from ebmad.models.ebm.sgld import chain_schedule, sgld_sample, uniform_init
 NEW_HPARAMS = (
     "sgld_step_size_end", "sgld_noise_end", "spectral_norm", "ema_decay", "aug_hflip", "aug_vflip",
     "aug_brightness", "input_norm", "score_noise_samples", "score_noise_std", "map_sigmas", "patch_energy",
-    "default_image_score", "default_pixel_map", "chain_init", "chain_init_noise",
+    "default_image_score", "default_pixel_map", "chain_init", "chain_init_noise", "stats_gains", "oe_weight",
+    "oe_level", "oe_margin_in", "oe_margin_out", "oe_source", "oe_source_dir", "oe_patch_cover", "combo_map",
 )  # fmt: skip
 
 

@@ -369,3 +369,23 @@ def test_each_data_config_instantiates_its_layout(layout, layouts_root):
         )
     dm = hydra.utils.instantiate(cfg.data)
     assert dm.layout == layout and len(dm.index.train) == 16 and len(dm.index.test) == 14
+
+
+@pytest.mark.parametrize("layout,test_dir", [("mvtec", "test"), ("mvtec_ad2", "test_public")])
+def test_a_category_without_test_images_trains_when_the_run_does_not_test(
+    layouts_root, tmp_path, layout, test_dir
+):
+    """test=false: the test split's problems are kept and only raised if the test split is read."""
+    root = tmp_path / layout
+    shutil.copytree(layouts_root / layout, root)
+    shutil.rmtree(root / "tex_a" / test_dir)
+    with pytest.raises(DatasetError, match=f"{test_dir} does not exist"):
+        _ = AnomalyDataModule(
+            root=str(root), category="tex_a", layout=layout
+        ).index  # testing: an error at once
+    dm = AnomalyDataModule(root=str(root), category="tex_a", layout=layout, batch_size=4)
+    dm.test_needed = False
+    assert len(dm.index.train) == SMALL["n_train"] and dm.index.test == []
+    assert dm.load_train()["image"].shape[0] == SMALL["n_train"]
+    with pytest.raises(DatasetError, match=f"{test_dir} does not exist"):
+        dm.load_test()

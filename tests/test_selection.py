@@ -205,3 +205,8 @@ def test_the_report_marks_a_model_validated_on_a_kind_it_trains_on():
     assert (
         validation_note("ebm", data, [Job(None, "tex_a", "default", "completed")]) == ""
     )  # no validation run
+    # what a run recorded decides: an EBM trained against Perlin/texture anomalies (model.oe_weight > 0)
+    oe = [
+        Job(None, "tex_a", "default", "completed", validation={SCORE_KEY: 0.9}, trains_on=["perlin_texture"])
+    ]
+    assert "ebm trains on perlin_texture" in validation_note("ebm", data, oe)

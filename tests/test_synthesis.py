@@ -37,10 +37,17 @@ def images(n=6, c=3, size=32, seed=0):
     return torch.rand(n, c, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
-def test_one_implementation_shared_by_draem_and_ssae():
+def test_one_implementation_shared_by_draem_ssae_and_the_ebm():
     assert (
         draem_synthesis.blend is blend.blend and draem_synthesis.rand_perlin_mask is perlin.rand_perlin_mask
     )
+    from ebmad.models.draem import lightning_model as draem_module
+    from ebmad.models.ebm import lightning_model as ebm_module
+    from ebmad.synthesis import perlin_anomalies
+
+    # DRAEM's training and the EBM's energy-margin term call the same synthesis
+    assert draem_module.synthesize is ebm_module.synthesize is perlin_anomalies.synthesize
+    assert draem_synthesis.synthesize is perlin_anomalies.synthesize
     assert draem_perlin.perlin_noise is perlin.perlin_noise
     assert draem_textures.FolderTextures is textures.FolderTextures
     assert draem_textures.ProceduralTextures is textures.ProceduralTextures

@@ -148,14 +148,21 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.test_data: dict[str, torch.Tensor] | None = None
         self.test_meta: list[TestItem] = []
         self._index: DatasetIndex | None = None
+        self.test_needed = True  # False (a run with test=false): problems of the test split do not stop it
+        self.test_problems: list[str] = []
 
     # ------------------------------------------------------------------ index
     @property
     def index(self) -> DatasetIndex:
         """The layout's index of the category (built on first use; raises :class:`DatasetError`)."""
         if self._index is None:
-            self._index = build_index(self.layout, self.root, self.category, Problems(), seed=self.seed,
+            problems = Problems(unused=() if self.test_needed else ("test",))
+            self._index = build_index(self.layout, self.root, self.category, problems, seed=self.seed,
                                       **self.options)  # fmt: skip
+            self.test_problems = problems.unused_messages
+            if self.test_problems:
+                log.warning("the test split is not used (test=false); it has problems: %s",
+                            "; ".join(self.test_problems))  # fmt: skip
             if self._index.validation and self.val_fraction > 0:
                 raise ValueError(
                     f"data.val_fraction={self.val_fraction}: data.layout={self.layout} provides its own "
@@ -239,6 +246,8 @@ class AnomalyDataModule(pl.LightningDataModule):
         return DeviceBatchLoader(self.val_data, self.test_batch_size)
 
     def load_test(self) -> dict[str, torch.Tensor]:
+        if self.test_problems:  # read although the run said it would not (test=false)
+            raise DatasetError(self.test_problems[0])
         if self.test_data is None:
             self.test_meta = list(self.index.test)
             images, masks = decode_test(self.test_meta, self.image_size, self.num_channels)

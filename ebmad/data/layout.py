@@ -15,7 +15,8 @@ Each layout module defines ``NAME``, ``CATEGORIES`` (empty for ``folder``), ``OP
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -74,11 +75,27 @@ class DatasetIndex:
 class Problems:
     """Collects dataset problems: raises the first at once (``strict``) or keeps them all (the data check)."""
 
-    def __init__(self, strict: bool = True) -> None:
+    def __init__(self, strict: bool = True, unused: Sequence[str] = ()) -> None:
         self.strict = strict
         self.messages: list[str] = []
+        self.unused = tuple(unused)  # splits the run does not read (e.g. "test" with test=false)
+        self.unused_messages: list[str] = []  # their problems: kept, raised only if the split is read
+        self._split: str | None = None
+
+    @contextmanager
+    def split(self, name: str) -> Iterator[None]:
+        """Problems added inside concern split ``name``; for an ``unused`` split they are only recorded."""
+        outer, self._split = self._split, name
+        try:
+            yield
+        finally:
+            self._split = outer
 
     def add(self, message: str) -> None:
+        if self._split is not None and self._split in self.unused:
+            if message not in self.unused_messages:
+                self.unused_messages.append(message)
+            return
         if self.strict:
             raise DatasetError(message)
         if message not in self.messages:

@@ -99,9 +99,9 @@ def index(root: str | Path | None, category: str, problems: Problems, seed: int 
     """The MVTec AD index of one category."""
     cdir = category_dir(root, category)
     train = problems.run(train_files, cdir, default=[])
-    return DatasetIndex(
-        train=train, test=test_items(cdir, problems), train_source=str(cdir / "train" / "good"), base=cdir
-    )
+    with problems.split("test"):
+        test = test_items(cdir, problems)
+    return DatasetIndex(train=train, test=test, train_source=str(cdir / "train" / "good"), base=cdir)
 
 
 class MVTecDataModule(AnomalyDataModule):

@@ -40,23 +40,26 @@ def index(root: str | Path | None, category: str, problems: Problems, seed: int 
     train = problems.run(image_folder, cdir / "train" / "good", "training", default=[])
     validation = problems.run(image_folder, cdir / "validation" / "good", "validation", default=[])
     public = cdir / "test_public"
-    test: list[TestItem] = []
-    if not public.is_dir():
-        problems.add(f"test folder {public} does not exist")
-    else:
-        bad, gt = public / "bad", public / "ground_truth" / "bad"
-        if bad.is_dir():  # "bad" before "good": sorted by defect type, as MVTec AD's test folders
-            items = defect_items(bad, gt, "bad", problems)
-            test += items
-            if gt.is_dir():
-                used = {it.mask for it in items}
-                for mask in mask_index(gt).values():
-                    if mask not in used:
-                        problems.add(f"mask {mask} has no image in {bad}")
-        if (public / "good").is_dir():
-            test += [TestItem(p, None, "good") for p in list_images(public / "good")]
-        if not test and not problems:
-            problems.add(f"test folder {public} holds no images in good/ or bad/: the test split is empty")
+    with problems.split("test"):
+        test: list[TestItem] = []
+        if not public.is_dir():
+            problems.add(f"test folder {public} does not exist")
+        else:
+            bad, gt = public / "bad", public / "ground_truth" / "bad"
+            if bad.is_dir():  # "bad" before "good": sorted by defect type, as MVTec AD's test folders
+                items = defect_items(bad, gt, "bad", problems)
+                test += items
+                if gt.is_dir():
+                    used = {it.mask for it in items}
+                    for mask in mask_index(gt).values():
+                        if mask not in used:
+                            problems.add(f"mask {mask} has no image in {bad}")
+            if (public / "good").is_dir():
+                test += [TestItem(p, None, "good") for p in list_images(public / "good")]
+            if not test and not problems:
+                problems.add(
+                    f"test folder {public} holds no images in good/ or bad/: the test split is empty"
+                )
     unlabelled = {s: images_below(cdir / s) for s in UNLABELLED if (cdir / s).is_dir()}
     return DatasetIndex(train=train, test=test, validation=validation, unlabelled=unlabelled,
                         train_source=str(cdir / "train" / "good"), base=cdir)  # fmt: skip

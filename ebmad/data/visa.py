@@ -112,9 +112,10 @@ def index(root: str | Path | None, category: str, problems: Problems, seed: int 
             test.append(TestItem(image, mask, "good" if mask is None else DEFECT, mask_rule="nonzero"))
     for split, items in (("train", train), ("test", test)):
         if not items and not problems:
-            problems.add(
-                f"category '{category}' has no usable {split} rows in {path}: the {split} split is empty"
-            )
+            with problems.split(split):
+                problems.add(
+                    f"category '{category}' has no usable {split} rows in {path}: the {split} split is empty"
+                )
     return DatasetIndex(
         train=train, test=test, train_source=f"the train rows of {category} in {path}", base=base / category
     )

@@ -110,6 +110,14 @@ class AnomalyModule(pl.LightningModule):
         """Whether :meth:`score` can run (fitted statistics present)."""
         return True
 
+    def training_anomaly_kinds(self) -> tuple[str, ...]:
+        """The validation anomaly kinds (:data:`ebmad.synthesis.KINDS`) this model's training also draws:
+        validating it on them favours it. The model family's entry there; a model whose options decide
+        overrides it."""
+        from ebmad.synthesis import KINDS
+
+        return tuple(k for k, spec in KINDS.items() if self.MODEL_TYPE in spec.trained_by)
+
     def map_scale(self, name: str) -> float:
         """Typical magnitude of a pixel map, used to spread scores for binned pixel AUROC."""
         return 1.0

@@ -49,7 +49,6 @@ STRENGTHS = (0.2, 0.4, 0.8)
 WARP_MAX = 0.08  # largest displacement at strength 1, as a fraction of the image side
 COLOR_HUE = 0.5  # hue rotation at strength 1 (radians)
 COLOR_BRIGHTNESS = 0.15  # brightness shift at strength 1, in [0, 1] intensity units
-PATCH_SHIFT = (0.25, 0.75)  # perlin_patch: the other image is moved by this share of the side (each axis)
 BLOB_AXES = (0.08, 0.2)  # blob semi-axes, fractions of the side
 BLOB_EDGE = 0.3  # the outer share of the blob radius over which the weight falls smoothly to 0
 
@@ -129,23 +128,14 @@ def _perlin_texture(ctx: Ctx) -> Made:
 
 
 def _perlin_patch(ctx: Ctx) -> Made:
+    from ebmad.synthesis.textures import shifted_others
+
     x, g = ctx.images, ctx.generator
     n, _, h, w = x.shape
     if n < 2:
         raise ValueError(f"perlin_patch needs at least 2 validation images (another image's region), got {n}")
     mask = nonempty_perlin_masks(n, (h, w), g)
-    shift = torch.randint(1, n, (n,), device=g.device, generator=g)
-    other = x[((torch.arange(n, device=g.device) + shift) % n).to(x.device)]  # never the image itself
-    # moved by a random (dy, dx) in PATCH_SHIFT of the side (wrapping): the same region of another aligned
-    # object is a normal region, out of place it is not
-    lo, hi = PATCH_SHIFT
-    offsets = (lo + (hi - lo) * torch.rand(n, 2, device=g.device, generator=g)) * torch.tensor(
-        [h, w], device=g.device
-    )
-    content = torch.stack(
-        [o.roll(tuple(d), dims=(1, 2)) for o, d in zip(other, offsets.long().tolist(), strict=True)]
-    )
-    return _opacities(ctx, content, mask)
+    return _opacities(ctx, shifted_others(x, g), mask)
 
 
 def _warp(ctx: Ctx) -> Made:

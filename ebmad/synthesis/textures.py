@@ -191,6 +191,42 @@ def value_noise(shape: tuple[int, int, int, int], generator: torch.Generator, de
     return (out - lo) / (hi - lo).clamp(min=1e-6)
 
 
+PATCH_SHIFT = (0.25, 0.75)  # other images are moved by this share of the side (each axis)
+
+
+def shifted_others(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """For each image another image of the batch (never itself), rolled by a random (dy, dx) in
+    ``PATCH_SHIFT`` of the side: the same region of another aligned object is normal, out of place it is not.
+
+    Shared by the ``perlin_patch`` validation kind and :class:`BatchImages` (the EBM's training source).
+    """
+    g = generator
+    n, _, h, w = images.shape
+    if n < 2:
+        raise ValueError(f"another image's region needs at least 2 images, got {n}")
+    shift = torch.randint(1, n, (n,), device=g.device, generator=g)
+    other = images[((torch.arange(n, device=g.device) + shift) % n).to(images.device)]
+    lo, hi = PATCH_SHIFT
+    offsets = (lo + (hi - lo) * torch.rand(n, 2, device=g.device, generator=g)) * torch.tensor(
+        [h, w], device=g.device
+    )
+    return torch.stack(
+        [o.roll(tuple(d), dims=(1, 2)) for o, d in zip(other, offsets.long().tolist(), strict=True)]
+    )
+
+
+class BatchImages:
+    """Textures taken from the other images of a training batch (:func:`shifted_others`), in [0, 1]."""
+
+    def __init__(self, images01: torch.Tensor) -> None:
+        self.images = images01
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        if n != len(self.images):
+            raise ValueError(f"BatchImages samples one texture per batch image ({len(self.images)}), not {n}")
+        return shifted_others(self.images, generator)
+
+
 def texture_source(texture_dir: str | Path | None, size: int, setting: str = "data.val_texture_dir"
                    ) -> TextureSource:  # fmt: skip
     """RGB textures for validation: the folder's images (decoded only when drawn), else procedural ones."""

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ebmad.models.base import AnomalyModule, Scores, check
-from ebmad.models.draem.augment import rotate_normal
 from ebmad.models.draem.loss import draem_loss
 from ebmad.models.draem.network import DraemNet
-from ebmad.models.draem.synthesis import synthesize
 from ebmad.models.draem.textures import FolderTextures, ProceduralTextures, TextureSource
+from ebmad.synthesis.augment import rotate_normal
+from ebmad.synthesis.perlin_anomalies import synthesize
 
 POOL = 21  # official test_DRAEM.py: avg_pool2d(mask, 21, stride=1, padding=21 // 2), then the max
 # learning-rate schedules: (milestones as fractions of the total steps, factor)

@@ -1,49 +1,8 @@
-"""DRAEM's simulated anomalies, batched: Perlin-shaped patches of an augmented texture.
+"""DRAEM's simulated anomalies: moved to :mod:`ebmad.synthesis.perlin_anomalies` (one implementation, shared
+with the EBM's energy-margin training, ``model.oe_weight``)."""
 
-As the official ``augment_image``: mask M from thresholded, rotated Perlin noise; texture A
-augmented by 3 random operations; I_a = I (1 - M) + (1 - b) A M + b I M with b ~ U[0, 0.8);
-half of the images (p = 0.5) are left clean with an all-zero mask, and an image whose Perlin mask
-came out empty counts as normal (has_anomaly 0). Composed from the shared :mod:`ebmad.synthesis`
-pieces (Perlin masks, texture sources, blend); ``blend`` stays importable from here.
-"""
-
-from __future__ import annotations
-
-import torch
-from kornia.color import rgb_to_grayscale
-
-from ebmad.models.draem.augment import rand_augment
 from ebmad.synthesis.blend import blend
 from ebmad.synthesis.perlin import rand_perlin_mask
-from ebmad.synthesis.textures import TextureSource
+from ebmad.synthesis.perlin_anomalies import BETA_MAX, CLEAN_PROB, synthesize
 
-BETA_MAX = 0.8  # official: beta = torch.rand(1) * 0.8
-CLEAN_PROB = 0.5  # official: no_anomaly = torch.rand(1) > 0.5
-__all__ = ["BETA_MAX", "CLEAN_PROB", "blend", "synthesize"]
-
-
-def synthesize(
-    images01: torch.Tensor, textures: TextureSource, generator: torch.Generator, augment: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Simulated anomalies for a batch (B, C, H, W) in [0, 1], C = 1 or 3.
-
-    Returns (augmented images (B, C, H, W), masks (B, 1, H, W) in {0, 1}, has_anomaly (B,) in {0, 1}).
-    Textures are RGB; for one-channel images they are converted to grayscale after augmentation.
-    ``augment=False`` skips the texture augmentation (for tests).
-    """
-    n, c, h, w = images01.shape
-    if h != w:
-        raise ValueError(f"square images expected, got {h}x{w}")
-    dev = generator.device
-    mask = rand_perlin_mask(n, (h, w), generator).to(images01.dtype)
-    tex = textures.sample(n, generator).to(images01.dtype)
-    if augment:
-        tex = rand_augment(tex, generator)
-    if c == 1:
-        tex = rgb_to_grayscale(tex)
-    beta = BETA_MAX * torch.rand(n, device=dev, generator=generator).to(images01.dtype)
-    anomalous = torch.rand(n, device=dev, generator=generator) <= CLEAN_PROB
-    mask = mask * anomalous.to(mask.dtype)[:, None, None, None]
-    augmented = blend(images01, tex, mask, beta)
-    has_anomaly = (mask.flatten(1).amax(1) > 0).to(images01.dtype)
-    return augmented, mask, has_anomaly
+__all__ = ["BETA_MAX", "CLEAN_PROB", "blend", "rand_perlin_mask", "synthesize"]

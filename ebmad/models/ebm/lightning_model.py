@@ -13,6 +13,7 @@ from torch import nn
 from ebmad.evaluation.thresholds import three_sigma_threshold
 from ebmad.guards import DEFAULT_HINT, report_values
 from ebmad.models.base import AnomalyModule, ReduceSum, check
+from ebmad.models.ebm import outlier
 from ebmad.models.ebm.export import EBMScorer
 from ebmad.models.ebm.network import EnergyNet, apply_spectral_norm
 from ebmad.models.ebm.scoring import (
@@ -21,12 +22,15 @@ from ebmad.models.ebm.scoring import (
     IMAGE_SCORES,
     PIXEL_MAPS,
     MomentAccumulator,
+    combine_maps,
     compute_scores,
     energy_and_grad,
     instance_normalize,
     pnorm,
 )
 from ebmad.models.ebm.sgld import frozen, sgld_sample, uniform_init
+from ebmad.synthesis.perlin_anomalies import synthesize
+from ebmad.synthesis.textures import TextureSource
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 INPUT_NORMS = ("none", "instance")
@@ -49,6 +53,11 @@ class EBMModule(AnomalyModule):
     ``score_noise_std`` (gradients averaged over fixed input noise), ``map_sigmas`` (multi-scale map
     ``a_ms``), ``patch_energy`` (``E_patch_max``), ``default_image_score`` / ``default_pixel_map``, and
     ``stats_gains`` (the gradient statistics fitted over brightness-changed copies of the training images).
+
+    Energy against synthetic anomalies (:mod:`.outlier`, off while ``oe_weight`` is 0): the loss adds
+    ``oe_weight`` times Liu et al.'s squared-hinge margin loss on DRAEM-style anomalies planted into the
+    positives, per patch of the patch-energy head (``oe_level=patch``), per image, or both; ``combo_map`` adds
+    the map ``a_combo`` (standardized ``a_ms`` + standardized ``e_patch``) and its maximum ``A_combo_max``.
     """
 
     MODEL_TYPE = "ebm"
@@ -99,6 +108,14 @@ class EBMModule(AnomalyModule):
         chain_init: str = "uniform",
         chain_init_noise: float = 0.3,
         stats_gains: list[float] | None = None,
+        oe_weight: float = 0.0,
+        oe_level: str = "patch",
+        oe_margin_in: float = -1.0,
+        oe_margin_out: float = 1.0,
+        oe_source: str = "texture",
+        oe_source_dir: str | None = None,
+        oe_patch_cover: float = 0.1,
+        combo_map: bool = False,
     ) -> None:
         super().__init__()
         check(sgld_steps >= 1, f"model.sgld_steps must be >= 1, got {sgld_steps}")
@@ -134,6 +151,17 @@ class EBMModule(AnomalyModule):
               "set both model.score_noise_samples > 0 and model.score_noise_std > 0, or neither")  # fmt: skip
         check(not map_sigmas or all(0 <= float(v) and math.ceil(3 * float(v)) < image_size for v in map_sigmas),
               f"model.map_sigmas must be sigmas >= 0 with 3 sigma < model.image_size ({image_size}), got {map_sigmas}")  # fmt: skip
+        check(oe_weight >= 0, f"model.oe_weight must be >= 0 (0: off), got {oe_weight}")
+        check(oe_level in outlier.LEVELS, f"model.oe_level must be one of {outlier.LEVELS}, got {oe_level!r}")
+        check(
+            oe_source in outlier.SOURCES,
+            f"model.oe_source must be one of {outlier.SOURCES}, got {oe_source!r}",
+        )
+        check(oe_margin_in < oe_margin_out,
+              f"model.oe_margin_in ({oe_margin_in}) must be below model.oe_margin_out ({oe_margin_out})")  # fmt: skip
+        check(0 < oe_patch_cover <= 1, f"model.oe_patch_cover must be in (0, 1], got {oe_patch_cover}")
+        check(not combo_map or (patch_energy and map_sigmas),
+              "model.combo_map needs model.patch_energy=true and model.map_sigmas (it combines e_patch and a_ms)")  # fmt: skip
         self.save_hyperparameters()
         self.net = EnergyNet(in_channels, image_size, base_width)
         if spectral_norm:
@@ -154,12 +182,17 @@ class EBMModule(AnomalyModule):
             side = 4  # the head's input is always 4x4 (see network.stage_widths)
             self.register_buffer("patch_mean", torch.zeros(side, side))
             self.register_buffer("patch_std", torch.ones(side, side))
+        if combo_map:  # mean / std over training pixels of a_ms (row 0) and e_patch (row 1)
+            self.register_buffer("combo_stats", torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
         self.IMAGE_SCORES = (
             IMAGE_SCORES + (("A_ms_max",) if map_sigmas else ()) + (("E_patch_max",) if patch_energy else ())
-        )
+            + (("A_combo_max",) if combo_map else ())
+        )  # fmt: skip
         self.PIXEL_MAPS = (
             PIXEL_MAPS + (("a_ms",) if map_sigmas else ()) + (("e_patch",) if patch_energy else ())
-        )
+            + (("a_combo",) if combo_map else ())
+        )  # fmt: skip
+        self.oe_textures: TextureSource | None = None  # built when training starts
         self.DEFAULT_IMAGE_SCORE = default_image_score or DEFAULT_IMAGE_SCORE
         self.DEFAULT_PIXEL_MAP = default_pixel_map or DEFAULT_PIXEL_MAP
         check(self.DEFAULT_IMAGE_SCORE in self.IMAGE_SCORES,
@@ -293,10 +326,19 @@ class EBMModule(AnomalyModule):
             noise = torch.randn(x_pos.shape, device=x_pos.device, dtype=x_pos.dtype, generator=gen)
             x_pos = x_pos + hp.data_noise * noise
         x_neg = self.negatives(x_pos, gen)
-        e_pos, e_neg = self(x_pos), self(x_neg)
+        oe_weight = hp.get("oe_weight", 0.0)
+        if oe_weight > 0:  # the positives' energy through the features, for the patch energies
+            h_pos = self.net.features(self.normalize(x_pos))
+            e_pos, e_neg = self.net.head(h_pos), self(x_neg)
+        else:
+            e_pos, e_neg = self(x_pos), self(x_neg)
         report_values(self, sgld_samples=x_neg, energy_pos=e_pos, energy_neg=e_neg)
         cd = e_pos.mean() - e_neg.mean()
         loss = cd + hp.alpha * (e_pos.pow(2) + e_neg.pow(2)).mean() if hp.alpha > 0 else cd
+        if oe_weight > 0:
+            oe = self.margin_loss(x_pos, h_pos, e_pos, gen)
+            self.log("train/oe_loss", oe, on_step=True, on_epoch=False, batch_size=len(x_pos))
+            loss = loss + oe_weight * oe
         self.train_diagnostics.update(x_pos=x_pos.detach(), x_neg=x_neg, energy_pos=e_pos.detach(),
                                       energy_neg=e_neg.detach(), cd=cd.detach())  # fmt: skip
         self.log_dict(
@@ -306,6 +348,56 @@ class EBMModule(AnomalyModule):
         )  # fmt: skip
         self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True,
                  batch_size=len(x_pos))  # fmt: skip
+        return loss
+
+    def training_anomaly_kinds(self) -> tuple[str, ...]:
+        """With ``oe_weight`` > 0 the EBM trains on Perlin anomalies filled with textures (``perlin_texture``)
+        or with other training images (``perlin_patch``); otherwise on none."""
+        if self.hparams.get("oe_weight", 0.0) <= 0:
+            return ()
+        return ("perlin_texture",) if self.hparams.get("oe_source") == "texture" else ("perlin_patch",)
+
+    def synthetic_anomalies(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """DRAEM's anomalies planted into every image of ``x`` (data range): (images, masks (B, 1, H, W)).
+
+        Drawn from a generator forked from the step's (the chains and augmentations draw what they would
+        without the option), so a step stays a pure function of (seed, step).
+        """
+        hp = self.hparams
+        if self.oe_textures is None and hp.oe_source == "texture":
+            self.oe_textures = outlier.texture_source(
+                hp.oe_source, hp.oe_source_dir, hp.image_size, hp.in_channels
+            )
+        g = torch.Generator(device=gen.device).manual_seed(gen.initial_seed() ^ 0x0E0E0E)
+        lo, hi = hp.data_range
+        x01 = ((x - lo) / (hi - lo)).clamp(0, 1)
+        source = outlier.batch_source(self.oe_textures, x01)
+        bad01, mask, _ = synthesize(x01, source, g, augment=hp.oe_source == "texture",
+                                    anomaly_prob=1.0)  # fmt: skip
+        bad = (bad01 * (hi - lo) + lo).to(x.dtype)
+        return torch.where(mask > 0, bad, x), mask  # outside the mask: the positive exactly
+
+    def margin_loss(self, x_pos: torch.Tensor, h_pos: torch.Tensor, e_pos: torch.Tensor, gen: torch.Generator
+                    ) -> torch.Tensor:  # fmt: skip
+        """Liu et al.'s energy margins on the positives (normal) and synthetic anomalies of them (outliers):
+        per patch (the mask decides), per image (mean patch energy), or both (``oe_level``)."""
+        hp = self.hparams
+        x_bad, mask = self.synthetic_anomalies(x_pos, gen)
+        h_bad = self.net.features(self.normalize(x_bad))
+        bias = self.net.body[-1].bias[0]
+        loss = x_pos.new_zeros(())
+        if hp.oe_level in ("patch", "both"):
+            p_pos = outlier.patch_energies(self.net.patch_contributions(h_pos), bias)
+            p_bad = outlier.patch_energies(self.net.patch_contributions(h_bad), bias)
+            bad, clean = outlier.patch_labels(mask, tuple(p_bad.shape[-2:]), hp.oe_patch_cover)
+            e_in = torch.cat([p_pos.flatten(), p_bad[clean]])
+            loss = loss + outlier.hinge_margin_loss(e_in, p_bad[bad], hp.oe_margin_in, hp.oe_margin_out)
+        if hp.oe_level in ("image", "both"):
+            n_patches = h_pos.shape[-1] * h_pos.shape[-2]
+            has = mask.flatten(1).amax(1) > 0
+            e_bad = self.net.head(h_bad)[has]
+            loss = loss + outlier.hinge_margin_loss(e_pos / n_patches, e_bad / n_patches, hp.oe_margin_in,
+                                                    hp.oe_margin_out)  # fmt: skip
         return loss
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
@@ -361,8 +453,12 @@ class EBMModule(AnomalyModule):
         if patch is not None:
             patch = (patch - self.patch_mean) / (self.patch_std + 1e-6 * self.patch_std.mean())
         sigmas = self.hparams.get("map_sigmas")
-        return compute_scores(energy, grad, self.grad_mean, self.grad_std, self.hparams.score_eps,
-                              map_sigmas=tuple(sigmas) if sigmas else None, patch=patch)  # fmt: skip
+        images, maps = compute_scores(energy, grad, self.grad_mean, self.grad_std, self.hparams.score_eps,
+                                      map_sigmas=tuple(sigmas) if sigmas else None, patch=patch)  # fmt: skip
+        if self.hparams.get("combo_map"):
+            maps["a_combo"] = combine_maps(maps["a_ms"], maps["e_patch"], self.combo_stats)
+            images["A_combo_max"] = maps["a_combo"].amax(dim=(1, 2))
+        return images, maps
 
     def scorer(self) -> nn.Module:
         """x -> (default map, default image score, energy), input gradient written out (ONNX-exportable)."""
@@ -378,6 +474,8 @@ class EBMModule(AnomalyModule):
 
         With ``patch_energy`` also the per-position mean/std of the patch energies.
         """
+        if self.hparams.get("combo_map") and iter(batches) is batches:
+            batches = list(batches)  # read twice (fit_combo_stats)
         acc = MomentAccumulator(tuple(self.grad_mean.shape), device=self.device)
         pacc = MomentAccumulator((4, 4), device=self.device) if self.hparams.get("patch_energy") else None
         was_training = self.training
@@ -405,7 +503,27 @@ class EBMModule(AnomalyModule):
             self.patch_mean.copy_(pmean.to(self.patch_mean))
             self.patch_std.copy_(pstd.to(self.patch_std))
             out.update(patch_mean=self.patch_mean.cpu(), patch_std=self.patch_std.cpu())
+        if self.hparams.get("combo_map"):
+            out["combo_stats"] = self.fit_combo_stats(batches, reduce_sum)
         return out
+
+    def fit_combo_stats(self, batches: Iterable[dict[str, torch.Tensor]], reduce_sum: ReduceSum | None = None
+                        ) -> torch.Tensor:  # fmt: skip
+        """Mean / std over the training pixels of ``a_ms`` and ``e_patch`` (a second pass: both need the
+        fitted statistics), stored in ``combo_stats`` for ``a_combo``."""
+        acc = MomentAccumulator((2,), device=self.device)
+        was_training = self.training
+        self.eval()
+        self.combo_stats.copy_(torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
+        for batch in batches:
+            _, maps = self.score(batch["image"].to(self.device))
+            acc.update(torch.stack([maps["a_ms"].flatten(), maps["e_patch"].flatten()], 1))
+        self.train(was_training)
+        if reduce_sum is not None:
+            acc.all_reduce(reduce_sum)
+        mean, std = acc.mean_std()
+        self.combo_stats.copy_(torch.stack([mean, std], 1).to(self.combo_stats))
+        return self.combo_stats.cpu()
 
     def pixel_threshold_rule(self, good_maps: torch.Tensor, quantile: float) -> float:
         """The paper's three-sigma rule (Fig. 3) on the standardized L2 map; other maps: the quantile."""
@@ -415,6 +533,8 @@ class EBMModule(AnomalyModule):
 
     def map_scale(self, name: str) -> float:
         """Typical magnitude of each pixel map, from the training statistics (binned AUROC only)."""
+        if name == "a_combo":
+            return 2.0
         if name in ("a_ms", "e_patch"):
             return self.hparams.in_channels**0.5 if name == "a_ms" else 1.0
         kind, r = name.split("_")[1], int(name[-1])

@@ -12,7 +12,9 @@ Options beyond the paper (each off by default; the paper's scores are always com
   of several sigmas (sigma 0: the map itself), and its maximum as an image score;
 - ``e_patch`` / ``E_patch_max``: the energy split over the last feature map's 4x4 positions (each the
   energy of one receptive-field patch), standardized per position with the training set's statistics;
-  the map is that grid upsampled, the image score its maximum.
+  the map is that grid upsampled, the image score its maximum;
+- ``a_combo`` / ``A_combo_max`` (``combo_map``): ``a_ms`` and ``e_patch``, each standardized with its mean and
+  std over the training pixels, summed; and its maximum.
 """
 
 from __future__ import annotations
@@ -89,6 +91,13 @@ def compute_scores(
                                         align_corners=False)[:, 0]  # fmt: skip
         images["E_patch_max"] = patch.amax(dim=(1, 2))
     return images, maps
+
+
+def combine_maps(a_ms: torch.Tensor, e_patch: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    """(a_ms - mean) / std + (e_patch - mean) / std, with ``stats`` = [[mean, std] of a_ms, [mean, std] of e_patch]."""
+    return (a_ms - stats[0, 0]) / stats[0, 1].clamp_min(1e-12) + (e_patch - stats[1, 0]) / stats[
+        1, 1
+    ].clamp_min(1e-12)
 
 
 def instance_normalize(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:

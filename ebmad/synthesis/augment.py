@@ -1,4 +1,4 @@
-"""DRAEM's image augmentations, batched on tensors in [0, 1] (N, 3, H, W).
+"""DRAEM's texture augmentations (shared by every training synthesis), batched on tensors in [0, 1] (N, 3, H, W).
 
 The anomaly texture is changed by 3 of the 10 operations of the official ``data_loader.py``,
 drawn without replacement and applied in the drawn order (``randAugmenter``), each with the
