@@ -301,9 +301,8 @@ def validation_note(model: str, data: dict[str, Any], jobs: list[Job]) -> str:
         return ""
     kinds = list(data.get("val_kinds") or ["spots_scratches"])
     note = f"; label-free validation on {', '.join(kinds)}"
-    recorded = [
-        j.trains_on for j in jobs if j.trains_on is not None
-    ]  # per run: its options decide (EBM oe_*)
+    # what the runs recorded decides (an EBM with oe_weight > 0 trains on perlin_texture); older runs: the family
+    recorded = [j.trains_on for j in jobs if j.trains_on is not None]
     trained = sorted({k for t in recorded for k in t}) if recorded else favoured(kinds, [model])[model]
     if trained:
         note += f" (**{model} trains on {', '.join(trained)}: its validation score is favoured**)"

@@ -273,6 +273,9 @@ def summary(rows: list[dict[str, Any]]) -> None:
                   f"{mean(col(i, 'gain1.08'))} | {sum(int(r['spikes']) for r in runs)} |")  # fmt: skip
 
 
+REFERENCE_SCORES = {"draem": ("max_pool21", "mask_prob"), "plus_val": ("A_ms_max", "a_ms")}  # their headlines
+
+
 def oe_summary(rows: list[dict[str, Any]], candidates: list[str], plus: str = "plus_sg",
                others: tuple[str, ...] = ("plus_val", "draem")) -> None:  # fmt: skip
     """Issue 19's table: the oe_* candidate chosen by validation (with its score and map), per category beside
@@ -321,9 +324,6 @@ def oe_summary(rows: list[dict[str, Any]], candidates: list[str], plus: str = "p
             if n:
                 print(f"| {cat} | {ref} | {n} | {i} | {p} | {img} / {pix} |")
         print(f"| {cat} | paper (Genc et al., 128x128) | | | {paper.get(cat, '')} | |")
-
-
-REFERENCE_SCORES = {"draem": ("max_pool21", "mask_prob"), "plus_val": ("A_ms_max", "a_ms")}  # their headlines
 
 
 def backfill(path: Path = CSV_PATH) -> None:

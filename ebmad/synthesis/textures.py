@@ -227,9 +227,15 @@ class BatchImages:
         return shifted_others(self.images, generator)
 
 
-def texture_source(texture_dir: str | Path | None, size: int, setting: str = "data.val_texture_dir"
-                   ) -> TextureSource:  # fmt: skip
-    """RGB textures for validation: the folder's images (decoded only when drawn), else procedural ones."""
+def texture_source(texture_dir: str | Path | None, size: int, setting: str = "data.val_texture_dir",
+                   training: bool = False) -> TextureSource:  # fmt: skip
+    """RGB textures: the folder's images, else procedural ones.
+
+    For validation (default) a folder's images are decoded only when drawn; for ``training`` (DRAEM, the EBM's
+    ``oe_*`` term) the whole folder is decoded once and kept on the sampling device.
+    """
     if texture_dir:
-        return FolderTextures(texture_dir, size, 3, setting=setting, preload=False, keep_on_device=False)
+        return FolderTextures(
+            texture_dir, size, 3, setting=setting, preload=training, keep_on_device=training
+        )
     return ProceduralTextures(size)

@@ -13,9 +13,10 @@ from torch import nn
 from ebmad.models.base import AnomalyModule, Scores, check
 from ebmad.models.draem.loss import draem_loss
 from ebmad.models.draem.network import DraemNet
-from ebmad.models.draem.textures import FolderTextures, ProceduralTextures, TextureSource
+from ebmad.models.draem.textures import SETTING, TextureSource
 from ebmad.synthesis.augment import rotate_normal
 from ebmad.synthesis.perlin_anomalies import synthesize
+from ebmad.synthesis.textures import texture_source
 
 POOL = 21  # official test_DRAEM.py: avg_pool2d(mask, 21, stride=1, padding=21 // 2), then the max
 # learning-rate schedules: (milestones as fractions of the total steps, factor)
@@ -97,10 +98,9 @@ class DraemModule(AnomalyModule):
     # ---------------------------------------------------------------- training
     def build_textures(self) -> TextureSource:
         """The anomaly source: ``anomaly_source_dir`` images, or procedural textures when it is null."""
-        hp = self.hparams
-        if hp.anomaly_source_dir:
-            return FolderTextures(hp.anomaly_source_dir, hp.image_size)
-        return ProceduralTextures(hp.image_size)
+        return texture_source(
+            self.hparams.anomaly_source_dir, self.hparams.image_size, SETTING, training=True
+        )
 
     def on_fit_start(self) -> None:
         if self.textures is None:

@@ -30,7 +30,7 @@ from ebmad.models.ebm.scoring import (
 )
 from ebmad.models.ebm.sgld import frozen, sgld_sample, uniform_init
 from ebmad.synthesis.perlin_anomalies import synthesize
-from ebmad.synthesis.textures import TextureSource
+from ebmad.synthesis.textures import BatchImages, TextureSource, texture_source
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 INPUT_NORMS = ("none", "instance")
@@ -364,16 +364,16 @@ class EBMModule(AnomalyModule):
         without the option), so a step stays a pure function of (seed, step).
         """
         hp = self.hparams
-        if self.oe_textures is None and hp.oe_source == "texture":
-            self.oe_textures = outlier.texture_source(
-                hp.oe_source, hp.oe_source_dir, hp.image_size, hp.in_channels
+        texture = hp.oe_source == "texture"
+        if texture and self.oe_textures is None:
+            self.oe_textures = texture_source(
+                hp.oe_source_dir, hp.image_size, outlier.SETTING_DIR, training=True
             )
         g = torch.Generator(device=gen.device).manual_seed(gen.initial_seed() ^ 0x0E0E0E)
         lo, hi = hp.data_range
         x01 = ((x - lo) / (hi - lo)).clamp(0, 1)
-        source = outlier.batch_source(self.oe_textures, x01)
-        bad01, mask, _ = synthesize(x01, source, g, augment=hp.oe_source == "texture",
-                                    anomaly_prob=1.0)  # fmt: skip
+        source = self.oe_textures if texture else BatchImages(x01)  # images: the other positives, moved
+        bad01, mask, _ = synthesize(x01, source, g, augment=texture, anomaly_prob=1.0)
         bad = (bad01 * (hi - lo) + lo).to(x.dtype)
         return torch.where(mask > 0, bad, x), mask  # outside the mask: the positive exactly
 
@@ -514,7 +514,6 @@ class EBMModule(AnomalyModule):
         acc = MomentAccumulator((2,), device=self.device)
         was_training = self.training
         self.eval()
-        self.combo_stats.copy_(torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
         for batch in batches:
             _, maps = self.score(batch["image"].to(self.device))
             acc.update(torch.stack([maps["a_ms"].flatten(), maps["e_patch"].flatten()], 1))

@@ -20,8 +20,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ebmad.synthesis.textures import BatchImages, FolderTextures, ProceduralTextures, TextureSource
-
 LEVELS = ("patch", "image", "both")
 SOURCES = ("texture", "images")
 SETTING_DIR = "model.oe_source_dir"
@@ -59,27 +57,4 @@ def patch_energies(patch: torch.Tensor, bias: torch.Tensor | float) -> torch.Ten
     return patch + bias / n
 
 
-def texture_source(source: str, folder: str | None, size: int, channels: int) -> TextureSource | None:
-    """The fill of the synthetic anomalies: a texture folder, procedural textures, or (``images``: None,
-    built per batch by :class:`BatchImages`) the other training images."""
-    if source == "images":
-        return None
-    if folder:
-        return FolderTextures(folder, size, 3, setting=SETTING_DIR)
-    return ProceduralTextures(size)
-
-
-def batch_source(textures: TextureSource | None, images01: torch.Tensor) -> TextureSource:
-    return textures if textures is not None else BatchImages(images01)
-
-
-__all__ = [
-    "LEVELS",
-    "SOURCES",
-    "BatchImages",
-    "batch_source",
-    "hinge_margin_loss",
-    "patch_energies",
-    "patch_labels",
-    "texture_source",
-]
+__all__ = ["LEVELS", "SETTING_DIR", "SOURCES", "hinge_margin_loss", "patch_energies", "patch_labels"]

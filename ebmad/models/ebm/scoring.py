@@ -95,9 +95,8 @@ def compute_scores(
 
 def combine_maps(a_ms: torch.Tensor, e_patch: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
     """(a_ms - mean) / std + (e_patch - mean) / std, with ``stats`` = [[mean, std] of a_ms, [mean, std] of e_patch]."""
-    return (a_ms - stats[0, 0]) / stats[0, 1].clamp_min(1e-12) + (e_patch - stats[1, 0]) / stats[
-        1, 1
-    ].clamp_min(1e-12)
+    (m_a, s_a), (m_e, s_e) = stats
+    return (a_ms - m_a) / s_a.clamp_min(1e-12) + (e_patch - m_e) / s_e.clamp_min(1e-12)
 
 
 def instance_normalize(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
