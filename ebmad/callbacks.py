@@ -59,8 +59,12 @@ class StatisticsCallback(pl.Callback):
         last_batch = batch_idx + 1 >= trainer.num_training_batches
         return bool(last_batch and max_epochs is not None and 0 <= max_epochs <= trainer.current_epoch + 1)
 
-    def _fit(self, trainer: pl.Trainer, pl_module: AnomalyModule) -> None:
-        dm = trainer.datamodule
+    def fit_now(self, trainer: pl.Trainer, pl_module: AnomalyModule, dm: Any) -> None:
+        """The statistics and thresholds of a fit-only model (no ``trainer.fit``; one device)."""
+        self._fit(trainer, pl_module, dm)
+
+    def _fit(self, trainer: pl.Trainer, pl_module: AnomalyModule, dm: Any = None) -> None:
+        dm = dm if dm is not None else trainer.datamodule
         if dm is None or not hasattr(dm, "stats_dataloader"):
             raise RuntimeError("StatisticsCallback needs a datamodule with a stats_dataloader()")
 

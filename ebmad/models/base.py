@@ -41,6 +41,7 @@ class AnomalyModule(pl.LightningModule):
     DEFAULT_IMAGE_SCORE: ClassVar[str] = ""
     DEFAULT_PIXEL_MAP: ClassVar[str] = ""
     NEEDS_INPUT_GRAD: ClassVar[bool] = False  # scoring uses autograd: no torch.inference_mode
+    FIT_ONLY: ClassVar[bool] = False  # no training steps: fit_statistics is the whole fit (PatchCore, PaDiM)
     DIVERGENCE_HINT: ClassVar[str] = "lower model.lr"  # appended to the error when training diverges
 
     def _init_base(self) -> None:
