@@ -157,3 +157,23 @@ class StructuredCorruption:
         grid = F.affine_grid(identity, [n, c, h, w], align_corners=False)
         grid = grid + 2 * self.elastic_strength * disp.permute(0, 2, 3, 1)
         return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def identity_noise(
+    corrupted: torch.Tensor, clean: torch.Tensor, std: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Identity-anchored Gaussian noise (Bauer & Mueller 2025): ``(clip(corrupted + n), clip(clean + n))``.
+
+    One draw ``n ~ N(0, std^2)`` per pixel and channel is added to both the network input and the target,
+    both clipped to [0, 1]. Outside the corrupted regions ``corrupted == clean``, so input and target stay
+    bit-identical there (the noise cancels in the residual): the model learns to keep normal content, noise
+    included, as it is (a Tikhonov penalty on its Jacobian). Inside, input minus target is the corruption
+    wherever neither side clips. ``std = 0`` returns the inputs unchanged and draws nothing from
+    ``generator`` (call it after the corruption: its draws stay as without noise).
+    """
+    if std < 0:
+        raise ValueError(f"model.identity_noise_std must be >= 0, got {std}")
+    if std == 0:
+        return corrupted, clean
+    noise = std * torch.randn(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
+    return (corrupted + noise).clamp(0, 1), (clean + noise).clamp(0, 1)

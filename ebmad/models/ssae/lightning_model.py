@@ -1,7 +1,8 @@
 """LightningModule of the self-supervised autoencoder (SSAE) of Bauer, Nakajima & Mueller.
 
-Training: corrupt defect-free images with structured corruptions (:mod:`.corruption`) and train the
-autoencoder (:mod:`.network`) to restore the clean image (:mod:`.loss`). Scoring: the per-pixel squared
+Training: corrupt defect-free images with structured corruptions (:mod:`.corruption`), optionally add
+the same Gaussian noise to input and target (``identity_noise_std``), and train the autoencoder
+(:mod:`.network`) to restore the (noisy) clean image (:mod:`.loss`). Scoring: the per-pixel squared
 reconstruction error averaged over channels, Gaussian-smoothed; the image score is its maximum.
 """
 
@@ -11,37 +12,14 @@ import copy
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ebmad.models.base import AnomalyModule, Scores, check
-from ebmad.models.ssae.corruption import StructuredCorruption
+from ebmad.models.maps import GaussianSmoothing
+from ebmad.models.ssae.corruption import StructuredCorruption, identity_noise
 from ebmad.models.ssae.loss import restoration_loss
 from ebmad.models.ssae.network import SSAENet
 from ebmad.models.ssae.textures import FolderTextures
-
-
-class GaussianSmoothing(nn.Module):
-    """Separable Gaussian filter of maps (B, H, W), edges replicated (scipy ``mode="nearest"``, truncate 4).
-
-    ``sigma=0`` is the identity. The kernel is a non-persistent buffer derived from ``sigma``.
-    """
-
-    def __init__(self, sigma: float) -> None:
-        super().__init__()
-        self.radius = int(4.0 * sigma + 0.5) if sigma > 0 else 0
-        t = torch.arange(-self.radius, self.radius + 1, dtype=torch.float32)
-        k = torch.exp(-0.5 * (t / sigma) ** 2) if sigma > 0 else torch.ones(1)
-        self.register_buffer("kernel", (k / k.sum()).view(1, 1, 1, -1), persistent=False)
-
-    def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        if self.radius == 0:
-            return maps
-        r = self.radius
-        x = F.pad(maps[:, None], (r, r, r, r), mode="replicate")
-        x = F.conv2d(x, self.kernel)  # along width
-        x = F.conv2d(x, self.kernel.transpose(2, 3))  # along height
-        return x[:, 0]
 
 
 def error_maps(net: nn.Module, smooth: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,6 +72,7 @@ class SSAEModule(AnomalyModule):
         clean_prob: float = 0.0,
         anomaly_source_dir: str | None = None,
         masked_weight: float = 1.0,
+        identity_noise_std: float = 0.0,
         smooth_sigma: float = 4.0,
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -106,6 +85,7 @@ class SSAEModule(AnomalyModule):
         super().__init__()
         check(lr > 0, f"model.lr must be > 0, got {lr}")
         check(masked_weight > 0, f"model.masked_weight must be > 0, got {masked_weight}")
+        check(identity_noise_std >= 0, f"model.identity_noise_std must be >= 0, got {identity_noise_std}")
         check(smooth_sigma >= 0, f"model.smooth_sigma must be >= 0, got {smooth_sigma}")
         check(scheduler in (None, "cosine"), f"model.scheduler must be null or 'cosine', got {scheduler!r}")
         divisor = 2 ** (len(widths) - 1)
@@ -150,11 +130,20 @@ class SSAEModule(AnomalyModule):
     def on_fit_start(self) -> None:
         _ = self.corruption
 
+    def training_pair(
+        self, clean: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(network input, target, corruption mask) for clean images in [0, 1]: the structured corruption,
+        then (``identity_noise_std > 0``) the same Gaussian noise on input and target, drawn after it."""
+        with torch.no_grad():
+            corrupted, mask = self.corruption.corrupt(clean, generator)
+            inputs, target = identity_noise(corrupted, clean, self.hparams.identity_noise_std, generator)
+        return inputs, target, mask
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         clean = (batch["image"] + 1) / 2
-        with torch.no_grad():
-            corrupted, mask = self.corruption.corrupt(clean, self.step_generator())
-        loss = restoration_loss(self.net(corrupted), clean, mask, self.hparams.masked_weight)
+        inputs, target, mask = self.training_pair(clean, self.step_generator())
+        loss = restoration_loss(self.net(inputs), target, mask, self.hparams.masked_weight)
         n = len(clean)
         self.log_dict({"train/loss": loss, "train/mask_fraction": mask.float().mean()},
                       on_step=True, on_epoch=False, batch_size=n)  # fmt: skip
