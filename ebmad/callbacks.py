@@ -35,15 +35,21 @@ class StatisticsCallback(pl.Callback):
     an exception, when training is unfinished.
     """
 
-    def __init__(self, refit_on_test: bool = False, stats_file: str | None = None, image_quantile: float = 0.99,
+    def __init__(self, refit_on_test: bool = False, stats_file: str | None = None, false_alarm_rate: float = 0.01,
+                 confidence: float = 0.95, image_quantile: float | None = None,
                  pixel_quantile: float = THREE_SIGMA_QUANTILE) -> None:  # fmt: skip
         for name, q in (("image_quantile", image_quantile), ("pixel_quantile", pixel_quantile)):
-            if not 0.0 < q <= 1.0:
+            if q is not None and not 0.0 < q <= 1.0:
                 raise ValueError(f"callbacks.statistics.{name} must be in (0, 1], got {q}")
+        for name, q in (("false_alarm_rate", false_alarm_rate), ("confidence", confidence)):
+            if not 0.0 < q < 1.0:
+                raise ValueError(f"thresholds.{name} must be in (0, 1), got {q}")
         self.fitted_at_step: int | None = None
         self.refit_on_test = refit_on_test
         self.stats_file = Path(stats_file) if stats_file else None
-        self.image_quantile = image_quantile
+        self.false_alarm_rate = false_alarm_rate
+        self.confidence = confidence
+        self.image_quantile = image_quantile  # set: the bare quantile instead of the false-alarm target
         self.pixel_quantile = pixel_quantile
         self.threshold_source = ""
 
@@ -74,17 +80,31 @@ class StatisticsCallback(pl.Callback):
         with torch.no_grad():
             stats = pl_module.fit_statistics(dm.stats_dataloader(), reduce_sum)
             check_finite_values(stats, "gradient statistics")  # the run ends as diverged, naming them
-            good, self.threshold_source = good_images_for_thresholds(dm)
-            thresholds = pl_module.fit_thresholds(DeviceBatchLoader({"image": good}, dm.test_batch_size),
-                                                  self.image_quantile, self.pixel_quantile)  # fmt: skip
-            check_finite_values(thresholds, "thresholds")
+            thresholds = self.fit_thresholds(pl_module, dm)
             stats.update(thresholds)
-        log.info("thresholds from %s: %s", self.threshold_source,
-                 ", ".join(f"{k}={v:.4g}" for k, v in thresholds.items()))  # fmt: skip
         self.fitted_at_step = trainer.global_step
         if stats and self.stats_file is not None and trainer.is_global_zero:
             self.stats_file.parent.mkdir(parents=True, exist_ok=True)
             atomic_torch_save({**stats, "world_size": trainer.world_size}, self.stats_file)
+
+    def fit_thresholds(self, pl_module: AnomalyModule, dm: Any) -> dict[str, float]:
+        """The decision thresholds (:meth:`~ebmad.models.base.AnomalyModule.fit_thresholds`) with these
+        settings: held-out defect-free images, plus the method's leave-out scores of the training images."""
+        good, self.threshold_source, held_out = good_images_for_thresholds(dm)
+        batches = DeviceBatchLoader({"image": good}, dm.test_batch_size)
+        train = DeviceBatchLoader({"image": dm.load_train()["image"]}, dm.test_batch_size)  # all, every rank
+        with torch.no_grad():
+            thresholds = pl_module.fit_thresholds(batches, self.false_alarm_rate, self.pixel_quantile,
+                                                  held_out=held_out, train_batches=train, confidence=self.confidence,
+                                                  image_quantile=self.image_quantile)  # fmt: skip
+        check_finite_values(thresholds, "thresholds")
+        fit = pl_module.threshold_fit
+        used = " + ".join(f"{s['n']} {s['source']}" for s in fit["sources"])
+        log.info("thresholds (image threshold from %s scores; pixel threshold from %s): %s", used,
+                 self.threshold_source, ", ".join(f"{k}={v:.4g}" for k, v in thresholds.items()))  # fmt: skip
+        (log.info if fit.get("enough", True) and not fit["in_sample"] else log.warning)("image threshold: %s",
+                                                                                         fit["note"])  # fmt: skip
+        return thresholds
 
     def _fit_and_save(self, trainer: pl.Trainer, pl_module: AnomalyModule) -> None:
         self._fit(trainer, pl_module)
@@ -113,9 +133,9 @@ class StatisticsCallback(pl.Callback):
         self._fit_and_save(trainer, pl_module)
 
 
-def good_images_for_thresholds(dm: Any) -> tuple[torch.Tensor, str]:
+def good_images_for_thresholds(dm: Any) -> tuple[torch.Tensor, str, bool]:
     """Defect-free images never trained on (``data.val_fraction`` > 0 or the layout's validation split, e.g.
-    a layout's ``validation/good``), else the training images.
+    a layout's ``validation/good``), else the training images; a description; whether they are held out.
 
     Every rank gets all of them (no sharding), so the thresholds agree across ranks.
     """
@@ -126,8 +146,8 @@ def good_images_for_thresholds(dm: Any) -> tuple[torch.Tensor, str]:
         source = (
             "data.val_fraction" if getattr(dm, "val_fraction", 0) > 0 else "the dataset's validation split"
         )
-        return good, f"{len(good)} held-out defect-free images ({source})"
-    return train, f"the {len(train)} training images (set data.val_fraction > 0 to hold some out)"
+        return good, f"{len(good)} held-out defect-free images ({source})", True
+    return train, f"the {len(train)} training images (set data.val_fraction > 0 to hold some out)", False
 
 
 def _to_rgb(img: torch.Tensor) -> np.ndarray:

@@ -2,13 +2,16 @@
 
 The ONNX model maps an image batch ``image`` (B, C, S, S) in [-1, 1] (dynamic B) to ``pixel_map``
 (B, S, S) and ``image_score`` (B,) -- the model's default map and score -- plus extras (the EBM's
-``energy``). The model type, input size, score names and the checkpoint's decision thresholds are
-stored as ONNX metadata, so ``python -m ebmad.predict backend=onnx onnx_path=...`` needs nothing else.
+``energy``). The model type, input size, score names and the checkpoint's decision thresholds (with how
+the label-free image threshold was fitted) are stored as ONNX metadata, so ``python -m ebmad.predict
+backend=onnx onnx_path=...`` needs nothing else; a calibrated thresholds file beside the checkpoint
+(``<ckpt>.threshold.json``) is copied beside the ONNX model (``<onnx>.threshold.json``), re-keyed to it.
 After writing, the export is checked against PyTorch's own scoring on a random batch.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import warnings
@@ -21,6 +24,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from ebmad.calibration import file_sha256, read_thresholds_file, thresholds_file_for, write_thresholds_file
 from ebmad.checkpointing import load_module_checkpoint, validate_checkpoint
 from ebmad.cli import USER_ERRORS, front_door, full_traceback, report_error
 from ebmad.models import AnomalyModule, model_class
@@ -86,6 +90,7 @@ def export_onnx(module: AnomalyModule, path: str | Path, opset: int = 17, checkp
         "pixel_map": module.DEFAULT_PIXEL_MAP,
         "image_threshold": float(module.image_threshold),
         "pixel_threshold": float(module.pixel_threshold),
+        "threshold_fit": json.dumps(module.threshold_fit),
         "checkpoint": checkpoint,
     }
     for key, value in meta.items():
@@ -125,15 +130,29 @@ def verify_onnx(module: AnomalyModule, path: str | Path, batch: int = 3, rtol: f
     return worst
 
 
+def copy_thresholds_file(ckpt_path: str | Path, onnx_path: Path, image_score: str) -> Path | None:
+    """The checkpoint's calibrated thresholds file, checked and re-keyed to the ONNX model beside it."""
+    source = thresholds_file_for(ckpt_path)
+    if not source.is_file():
+        return None
+    record = read_thresholds_file(source, ckpt_path, image_score)
+    record.update(model=str(onnx_path), model_sha256=file_sha256(onnx_path), calibrated_for=str(ckpt_path))
+    target = thresholds_file_for(onnx_path)
+    write_thresholds_file(target, record)
+    return target
+
+
 def export(cfg: DictConfig) -> Path:
     """Load ``cfg.ckpt_path``, write ``cfg.output`` (default: beside the checkpoint), verify it."""
     module = load_module(cfg.ckpt_path)
     out = Path(cfg.output) if cfg.get("output") else Path(cfg.ckpt_path).with_suffix(".onnx")
     names = export_onnx(module, out, opset=cfg.opset, checkpoint=str(cfg.ckpt_path))
+    copied = copy_thresholds_file(cfg.ckpt_path, out, module.DEFAULT_IMAGE_SCORE)
     diff = verify_onnx(module, out) if cfg.verify else float("nan")
     hp = module.hparams
     print(f"EXPORT model={module.MODEL_TYPE} input={INPUT_NAME}:(B,{hp.in_channels},{hp.image_size},"
-          f"{hp.image_size}) outputs={','.join(names)} max_abs_diff={diff:.3g} out={out}", flush=True)  # fmt: skip
+          f"{hp.image_size}) outputs={','.join(names)} max_abs_diff={diff:.3g} out={out}"
+          + (f" thresholds_file={copied}" if copied else ""), flush=True)  # fmt: skip
     return out
 
 

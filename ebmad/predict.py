@@ -12,12 +12,21 @@ path, score, image_threshold, decision (score >= image_threshold: defective), de
 empty, unreadable or truncated file, or one that is an image in name only, is listed with its error; the
 run goes on with the other images (one image decoded at a time, so memory stays bounded) and the exit
 status is then 1.
+
+Thresholds: the image threshold is the command line's ``image_threshold``, else a calibrated one from the
+thresholds file beside the model (``<model file>.threshold.json``, or ``thresholds_file=``), else the
+label-free one stored with the model; each row, the summary and the legend say which, with its expected
+false-alarm rate and bound (:mod:`ebmad.calibration`). ``calibrate=<folder with good/ and defective/ | CSV>``
+first scores those labelled shots, picks the image threshold for ``calibrate_goal`` (``recall>=R``,
+``false_alarm<=F`` or ``f1``), prints their confusion matrix and writes the thresholds file; without
+``input`` it stops there.
 """
 
 from __future__ import annotations
 
 import csv
 import glob
+import json
 import math
 import os
 import sys
@@ -25,7 +34,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +47,16 @@ from omegaconf import DictConfig
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from ebmad.calibration import (
+    calibration_record,
+    describe,
+    estimate_for,
+    labelled_shots,
+    read_thresholds_file,
+    summary_of_fit,
+    thresholds_file_for,
+    write_thresholds_file,
+)
 from ebmad.cli import USER_ERRORS, front_door, full_traceback, report_error
 from ebmad.data.io import IMAGE_SUFFIXES, DatasetError, list_images, load_image, open_image
 from ebmad.export import INPUT_NAME, OUTPUT_NAMES, load_module, onnx_session
@@ -48,8 +67,10 @@ WIDE_GRAY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit; Pillow's c
 # decision: score >= image_threshold (the image-level rule); defect_area_px: pixels whose map value is >=
 # pixel_threshold (the pixel-level rule). The two thresholds are fitted separately on defect-free images, so
 # a "good" image can still have a few pixels above the pixel threshold: both rules are in every row.
+# threshold_source: label-free | calibrated | command line; expected_false_alarm_rate / false_alarm_upper_bound:
+# the image threshold's expected share of defect-free images flagged and its upper bound (NaN: unknown).
 CSV_FIELDS = ("path", "score", "image_threshold", "decision", "defect_area_px", "pixel_threshold", "width", "height",
-              "error")  # fmt: skip
+              "error", "threshold_source", "expected_false_alarm_rate", "false_alarm_upper_bound")  # fmt: skip
 ScoreFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -145,13 +166,15 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def legend(image: Image.Image, score: float, image_thr: float, area: int, pixel_thr: float) -> Image.Image:
+def legend(image: Image.Image, score: float, image_thr: float, area: int, pixel_thr: float,
+           source: str = "") -> Image.Image:  # fmt: skip
     """The overlay with a strip below it: the colour bar (0 .. 2 x pixel threshold, the threshold marked),
-    the image score against its threshold with the decision, and the defect area against the pixel threshold."""
+    the image score against its threshold with the decision, the defect area against the pixel threshold,
+    and where the image threshold comes from (``source``)."""
     width = max(image.width, 420)
     unit = max(1, round(width / 420))
     bar_h, pad, text = 14 * unit, 6 * unit, 13 * unit
-    strip_h = bar_h + 4 * text + 6 * pad
+    strip_h = bar_h + 5 * text + 7 * pad
     panel = Image.new("RGB", (width, image.height + strip_h), (255, 255, 255))
     panel.paste(image, (0, 0))
     draw = ImageDraw.Draw(panel)
@@ -174,6 +197,8 @@ def legend(image: Image.Image, score: float, image_thr: float, area: int, pixel_
     draw.text(
         (x0, y), f"defect area {area} px (map >= pixel threshold {pixel_thr:.4g})", fill=(0, 0, 0), font=font
     )
+    y += text + pad
+    draw.text((x0, y), f"image threshold: {source}", fill=(0, 0, 0), font=font)
     return panel
 
 
@@ -197,6 +222,25 @@ class Scorer:
     pixel_threshold: float
     source: str  # where the thresholds come from, for errors
     device: str
+    model_path: str = ""  # the checkpoint or ONNX file: its thresholds file lies beside it
+    threshold_fit: dict[str, Any] = field(default_factory=dict)  # how the label-free threshold was fitted
+
+
+@dataclass
+class Decision:
+    """The thresholds in use, where the image threshold comes from and its false-alarm rate."""
+
+    image_threshold: float
+    pixel_threshold: float
+    source: str  # label-free | calibrated | command line
+    text: str  # provenance, for the summary and the legend
+    expected_rate: float = float("nan")  # expected share of defect-free images flagged (NaN: unknown)
+    upper_bound: float = float("nan")
+
+    def row(self) -> dict[str, Any]:
+        return {"image_threshold": self.image_threshold, "pixel_threshold": self.pixel_threshold,
+                "threshold_source": self.source, "expected_false_alarm_rate": self.expected_rate,
+                "false_alarm_upper_bound": self.upper_bound}  # fmt: skip
 
 
 def resolve_device(name: str) -> torch.device:
@@ -217,7 +261,7 @@ def torch_scorer(ckpt_path: str, device: torch.device) -> Scorer:
     hp = module.hparams
     return Scorer(score, module.MODEL_TYPE, hp.image_size, hp.in_channels, module.DEFAULT_IMAGE_SCORE,
                   float(module.image_threshold), float(module.pixel_threshold), f"checkpoint {ckpt_path}",
-                  f"{info['type']} ({info['name']})")  # fmt: skip
+                  f"{info['type']} ({info['name']})", str(ckpt_path), dict(module.threshold_fit))  # fmt: skip
 
 
 def onnx_scorer(onnx_path: str) -> Scorer:
@@ -231,13 +275,19 @@ def onnx_scorer(onnx_path: str) -> Scorer:
 
     return Scorer(score, meta.get("ebmad_model_type", "?"), int(size), int(channels), meta.get("image_score", "?"),
                   float(meta.get("image_threshold", "nan")), float(meta.get("pixel_threshold", "nan")),
-                  f"ONNX model {onnx_path}", "cpu (onnxruntime)")  # fmt: skip
+                  f"ONNX model {onnx_path}", "cpu (onnxruntime)", str(onnx_path),
+                  json.loads(meta.get("threshold_fit") or "{}"))  # fmt: skip
 
 
 def thresholds(scorer: Scorer, image: float | None, pixel: float | None) -> tuple[float, float]:
     """Command-line thresholds, else the stored ones; a clear error when either is missing."""
     image = scorer.image_threshold if image is None else float(image)
     pixel = scorer.pixel_threshold if pixel is None else float(pixel)
+    return checked_thresholds(scorer, image, pixel)
+
+
+def checked_thresholds(scorer: Scorer, image: float, pixel: float) -> tuple[float, float]:
+    """The thresholds, or a clear error when either is missing (NaN) or the pixel one is not positive."""
     missing = [k for k, v in (("image_threshold", image), ("pixel_threshold", pixel)) if not math.isfinite(v)]
     if missing:
         raise ValueError(
@@ -250,12 +300,92 @@ def thresholds(scorer: Scorer, image: float | None, pixel: float | None) -> tupl
     return image, pixel
 
 
+def thresholds_file(scorer: Scorer, cfg: DictConfig) -> tuple[Path, bool]:
+    """The thresholds file (``thresholds_file=`` or beside the model) and whether it was named explicitly."""
+    named = cfg.get("thresholds_file")
+    return (Path(named), True) if named else (thresholds_file_for(scorer.model_path), False)
+
+
+def decide(scorer: Scorer, cfg: DictConfig) -> Decision:
+    """The image threshold: command line, else the calibrated thresholds file, else the label-free one stored
+    with the model; with its source and expected false-alarm rate. The pixel threshold: command line or stored."""
+    pixel = scorer.pixel_threshold if cfg.get("pixel_threshold") is None else float(cfg.pixel_threshold)
+    fit = scorer.threshold_fit
+    path, named = thresholds_file(scorer, cfg)
+    if cfg.get("image_threshold") is not None:
+        source, image, record = "command line", float(cfg.image_threshold), {}
+    elif path.is_file():
+        record = read_thresholds_file(path, scorer.model_path, scorer.image_score)
+        source, image = "calibrated", float(record["image_threshold"])
+    elif named:
+        raise FileNotFoundError(f"thresholds_file={path} does not exist (write it with calibrate=<shots>)")
+    else:
+        source, image, record = "label-free", scorer.image_threshold, fit
+    image, pixel = checked_thresholds(scorer, image, pixel)
+    if source == "label-free":
+        rate, bound = fit.get("expected_rate", fit.get("rate", math.nan)), fit.get("upper_bound", math.nan)
+    else:
+        estimate = estimate_for(fit, image)
+        rate, bound = estimate.get("rate", math.nan), estimate.get("upper_bound", math.nan)
+    text = describe(source, record)
+    if math.isfinite(rate):
+        text += f"; expected false alarms {100 * rate:.3g} % (<= {100 * bound:.3g} %)"
+    return Decision(image, pixel, source, text, float(rate), float(bound))
+
+
+def score_files(scorer: Scorer, paths: list[Path], batch_size: int, max_pixels: int) -> list[float]:
+    """Image scores of ``paths`` (every file must load: an error names the one that does not)."""
+    scores: list[float] = []
+    for start in range(0, len(paths), batch_size):
+        batch = []
+        for path in paths[start : start + batch_size]:
+            check_pixels(path, max_pixels)
+            batch.append(load_image(path, scorer.image_size, scorer.in_channels)[0])
+        scores += scorer.score(torch.stack(batch))[0].tolist()
+    return scores
+
+
+def calibrate(scorer: Scorer, cfg: DictConfig, out: Path, max_pixels: int) -> dict[str, Any]:
+    """Score the labelled shots of ``cfg.calibrate``, choose the image threshold for ``cfg.calibrate_goal``,
+    print their confusion matrix, write ``<out>/calibration.csv`` and the thresholds file; returns its record."""
+    shots = labelled_shots(cfg.calibrate)
+    paths, labels = [p for p, _ in shots], [y for _, y in shots]
+    scores = score_files(scorer, paths, cfg.batch_size, max_pixels)
+    record = calibration_record(scores, labels, cfg.calibrate_goal, str(cfg.calibrate), scorer.model_path,
+                                scorer.model_type, scorer.image_score, scorer.threshold_fit)  # fmt: skip
+    path, _ = thresholds_file(scorer, cfg)
+    write_thresholds_file(path, record)
+    thr = record["image_threshold"]
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "calibration.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "score", "decision"])
+        for p, y, sc in zip(paths, labels, scores, strict=True):
+            writer.writerow([p, "defective" if y else "good", sc, "defective" if sc >= thr else "good"])
+    cm = record["confusion"]
+    estimate = record.get("false_alarm_estimate")
+    label_free = summary_of_fit(scorer.threshold_fit)
+    print(f"CALIBRATE goal={record['goal']} image_threshold={thr:.6g} shots={record['n_good']} good + "
+          f"{record['n_defective']} defective recall={record['recall']:.3f} "
+          f"false_alarm_rate_on_shots={record['false_alarm_rate']:.3f} "
+          + (f"expected_false_alarm={estimate['rate']:.4f}(<={estimate['upper_bound']:.4f}, on {estimate['n']} "
+             "label-free defect-free images) " if estimate else "")
+          + f"label_free_threshold={scorer.image_threshold:.6g} file={path}", flush=True)  # fmt: skip
+    print(f"  confusion on the shots:      predicted defective   predicted good\n"
+          f"  defective ({record['n_defective']:>3})          {cm['tp']:>10}   {cm['fn']:>14}\n"
+          f"  good      ({record['n_good']:>3})          {cm['fp']:>10}   {cm['tn']:>14}", flush=True)  # fmt: skip
+    if label_free and not label_free.get("enough", True):
+        print(f"  note on the label-free threshold: {label_free['note']}", flush=True)
+    return record
+
+
 def write_outputs(path: Path, out: Path, name: Path, score: float, amap: torch.Tensor, size: tuple[int, int],
-                  image_thr: float, pixel_thr: float, alpha: float) -> dict[str, Any]:  # fmt: skip
+                  decision: Decision, alpha: float) -> dict[str, Any]:  # fmt: skip
     """Overlay and mask of one scored image at its original size; returns its CSV row."""
     width, height = size
-    row: dict[str, Any] = {"path": str(path), "score": score, "image_threshold": image_thr,
-                           "pixel_threshold": pixel_thr, "width": width, "height": height, "error": ""}  # fmt: skip
+    image_thr, pixel_thr = decision.image_threshold, decision.pixel_threshold
+    row: dict[str, Any] = {"path": str(path), "score": score, **decision.row(), "width": width, "height": height,
+                           "error": ""}  # fmt: skip
     if not math.isfinite(score):
         return {**row, "error": "non-finite score"}
     try:
@@ -265,18 +395,17 @@ def write_outputs(path: Path, out: Path, name: Path, score: float, amap: torch.T
     up = upsample(amap, width, height)
     mask = up >= pixel_thr
     area = int(mask.sum())
-    shown = legend(overlay(rgb, up, pixel_thr, alpha), score, image_thr, area, pixel_thr)
+    shown = legend(overlay(rgb, up, pixel_thr, alpha), score, image_thr, area, pixel_thr, decision.text)
     for sub, image in (("overlays", shown), ("masks", Image.fromarray(mask.astype(np.uint8) * 255))):
         target = out / sub / name.with_suffix(".png")
         target.parent.mkdir(parents=True, exist_ok=True)
         image.save(target)
-    decision = "defective" if score >= image_thr else "good"
-    return {**row, "decision": decision, "defect_area_px": area}
+    return {**row, "decision": "defective" if score >= image_thr else "good", "defect_area_px": area}
 
 
 # ---------------------------------------------------------------------------- predict
-def score_chunk(scorer: Scorer, files: list[tuple[Path, Path]], out: Path, image_thr: float, pixel_thr: float,
-                alpha: float, max_pixels: int) -> tuple[list[dict[str, Any]], float]:  # fmt: skip
+def score_chunk(scorer: Scorer, files: list[tuple[Path, Path]], out: Path, decision: Decision, alpha: float,
+                max_pixels: int) -> tuple[list[dict[str, Any]], float]:  # fmt: skip
     """CSV rows, in input order, of one batch of (file, output name); an unreadable file gets its error.
 
     Also returns the seconds spent in the scorer itself.
@@ -297,7 +426,7 @@ def score_chunk(scorer: Scorer, files: list[tuple[Path, Path]], out: Path, image
     seconds = time.perf_counter() - t0
     for (i, _, size), score, amap in zip(decoded, scores.tolist(), maps, strict=True):
         path, name = files[i]
-        rows[i] = write_outputs(path, out, name, score, amap, size, image_thr, pixel_thr, alpha)
+        rows[i] = write_outputs(path, out, name, score, amap, size, decision, alpha)
     return rows, seconds
 
 
@@ -317,10 +446,13 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     max_pixels = int(cfg.get("max_image_pixels") or 50_000_000)
     if max_pixels < 1:
         raise ValueError(f"max_image_pixels must be >= 1, got {max_pixels}")
-    image_thr, pixel_thr = thresholds(scorer, cfg.get("image_threshold"), cfg.get("pixel_threshold"))
+    out = Path(cfg.output)
+    record = calibrate(scorer, cfg, out, max_pixels) if cfg.get("calibrate") else None
+    if record is not None and not cfg.get("input"):
+        return {"calibration": record, "failed": 0, "out": str(out)}
+    decision = decide(scorer, cfg)
     files = find_images(str(cfg.input) if cfg.get("input") else "")
     jobs = list(zip(files, output_names(files), strict=True))
-    out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
@@ -331,7 +463,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
         writer.writeheader()
         for start in range(0, len(jobs), cfg.batch_size):
-            chunk, seconds = score_chunk(scorer, jobs[start : start + cfg.batch_size], out, image_thr, pixel_thr,
+            chunk, seconds = score_chunk(scorer, jobs[start : start + cfg.batch_size], out, decision,
                                          cfg.overlay_alpha, max_pixels)  # fmt: skip
             writer.writerows(chunk)
             fh.flush()
@@ -352,13 +484,18 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         "score_s": score_s,
         "device": scorer.device,
         "backend": cfg.backend,
-        "image_threshold": image_thr,
-        "pixel_threshold": pixel_thr,
+        **decision.row(),
+        "threshold_provenance": decision.text,
         "out": str(out),
     }
+    if record is not None:
+        summary["calibration"] = record
+    print(f"image threshold: {decision.text}", flush=True)
     print(f"PREDICT model={scorer.model_type} score={scorer.image_score} scored={summary['scored']} "
           f"defective={summary['defective']} failed={len(failed)} time_s={elapsed:.2f} "
           f"images_per_s={len(rows) / max(elapsed, 1e-9):.1f} device={scorer.device} backend={cfg.backend} "
+          f"image_threshold={decision.image_threshold:.6g} threshold_source={decision.source.replace(' ', '_')} "
+          f"expected_false_alarm={decision.expected_rate:.4f} false_alarm_bound={decision.upper_bound:.4f} "
           f"out={out}", flush=True)  # fmt: skip
     return summary
 

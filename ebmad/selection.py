@@ -23,9 +23,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from ebmad.callbacks import StatisticsCallback, good_images_for_thresholds
+from ebmad.callbacks import StatisticsCallback
 from ebmad.data.loader import DeviceBatchLoader
-from ebmad.evaluation.thresholds import THREE_SIGMA_QUANTILE
 from ebmad.guards import NonFiniteError
 from ebmad.metrics import PixelAUROC, image_auroc
 from ebmad.models.base import AnomalyModule
@@ -222,9 +221,4 @@ class ValidationCheckpoint(pl.Callback):
     @staticmethod
     def _fit_thresholds(trainer: pl.Trainer, pl_module: AnomalyModule) -> None:
         stats_cb = next((c for c in trainer.callbacks if isinstance(c, StatisticsCallback)), None)
-        image_q = getattr(stats_cb, "image_quantile", 0.99)
-        pixel_q = getattr(stats_cb, "pixel_quantile", THREE_SIGMA_QUANTILE)
-        good, _ = good_images_for_thresholds(trainer.datamodule)
-        with torch.no_grad():
-            pl_module.fit_thresholds(DeviceBatchLoader({"image": good}, trainer.datamodule.test_batch_size),
-                                     image_q, pixel_q)  # fmt: skip
+        (stats_cb or StatisticsCallback()).fit_thresholds(pl_module, trainer.datamodule)

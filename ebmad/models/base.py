@@ -19,7 +19,12 @@ from torchmetrics import CatMetric
 
 from ebmad.evaluation.aupro import aupro
 from ebmad.evaluation.metrics import average_precision
-from ebmad.evaluation.thresholds import THREE_SIGMA_QUANTILE, quantile_threshold
+from ebmad.evaluation.thresholds import (
+    THREE_SIGMA_QUANTILE,
+    false_alarm_estimate,
+    false_alarm_threshold,
+    quantile_threshold,
+)
 from ebmad.guards import check_finite_scores
 from ebmad.metrics import PixelAUROC, image_auroc
 
@@ -55,6 +60,7 @@ class AnomalyModule(pl.LightningModule):
         # label-free decision thresholds on the default image score / pixel map (NaN: not fitted)
         self.register_buffer("image_threshold", torch.tensor(float("nan")))
         self.register_buffer("pixel_threshold", torch.tensor(float("nan")))
+        self.threshold_fit: dict[str, Any] = {}  # how the image threshold was fitted (in the checkpoint)
         self.test_results: dict[str, Any] = {}
         self.examples: dict[str, torch.Tensor] = {}
 
@@ -75,12 +81,25 @@ class AnomalyModule(pl.LightningModule):
         """
         return {}
 
-    def fit_thresholds(self, batches: Iterable[dict[str, torch.Tensor]], image_quantile: float = 0.99,
-                       pixel_quantile: float = THREE_SIGMA_QUANTILE) -> dict[str, float]:  # fmt: skip
+    def leave_out_scores(self, batches: Iterable[dict[str, torch.Tensor]]) -> torch.Tensor | None:
+        """Default image scores (N,) of the training images, each scored by the model fitted without it
+        (leave-one-out / k-fold / own patches left out); None: this method has none (the default)."""
+        return None
+
+    def fit_thresholds(self, batches: Iterable[dict[str, torch.Tensor]], false_alarm_rate: float = 0.01,
+                       pixel_quantile: float = THREE_SIGMA_QUANTILE, *, held_out: bool = True,
+                       train_batches: Iterable[dict[str, torch.Tensor]] | None = None, confidence: float = 0.95,
+                       image_quantile: float | None = None) -> dict[str, float]:  # fmt: skip
         """Label-free decision thresholds from defect-free images only, stored as buffers.
 
-        Image threshold: the ``image_quantile`` of their default image scores; pixel threshold:
-        :meth:`pixel_threshold_rule` of their default maps (by default the ``pixel_quantile`` of all pixels).
+        ``batches``: defect-free images for the pixel threshold, and for the image threshold when
+        ``held_out`` (never trained on). The image threshold is fitted on out-of-sample scores: those, plus
+        :meth:`leave_out_scores` of ``train_batches`` when the method has them; with neither, the scores of
+        ``batches`` themselves (training images: optimistic, recorded as such). Rule:
+        :func:`~ebmad.evaluation.thresholds.false_alarm_threshold` for ``false_alarm_rate`` (an order
+        statistic with its expected rate and ``confidence`` bound), or the bare ``image_quantile`` when given.
+        Pixel threshold: :meth:`pixel_threshold_rule` of their default maps. How the image threshold was
+        fitted (sources, n, rates, warning, the pooled scores) is kept in :attr:`threshold_fit`.
         """
         scores, maps = [], []
         was_training = self.training
@@ -92,10 +111,37 @@ class AnomalyModule(pl.LightningModule):
                                 f"defect-free images for the thresholds, batch {i}")  # fmt: skip
             scores.append(images[self.DEFAULT_IMAGE_SCORE].detach().cpu())
             maps.append(pixel_maps[self.DEFAULT_PIXEL_MAP].detach().cpu())
+        left_out = self.leave_out_scores(train_batches) if train_batches is not None else None
         self.train(was_training)
         if not scores:
             raise ValueError("no defect-free images to fit the thresholds on")
-        self.image_threshold.fill_(quantile_threshold(torch.cat(scores), image_quantile))
+        pool, sources = [], []
+        if held_out:
+            pool.append(torch.cat(scores).double())
+            sources.append({"source": "held_out", "n": len(pool[-1])})
+        if left_out is not None:
+            check_finite_scores({self.DEFAULT_IMAGE_SCORE: left_out}, "leave-out scores of training images")
+            pool.append(left_out.detach().cpu().double().flatten())
+            sources.append({"source": "leave_out", "n": len(pool[-1])})
+        if not pool:  # the training images scored by the model fitted on them
+            pool.append(torch.cat(scores).double())
+            sources.append({"source": "training_in_sample", "n": len(pool[-1])})
+        good = torch.cat(pool)
+        if image_quantile is None:
+            fit = false_alarm_threshold(good, false_alarm_rate, confidence)
+            fit["rule"] = "false_alarm_rate"
+        else:
+            fit = false_alarm_estimate(good, quantile_threshold(good, image_quantile), confidence)
+            fit["rule"] = f"quantile {image_quantile}"
+            fit["note"] = (f"the bare {image_quantile} quantile of {len(good)} defect-free scores (no false-alarm "
+                           "target; the share of them above it is not an out-of-sample estimate)")  # fmt: skip
+        in_sample = sources[0]["source"] == "training_in_sample"
+        if in_sample:
+            fit["note"] += ("; fitted on the training images themselves (optimistic: set data.val_fraction > 0 to "
+                            "hold some out)")  # fmt: skip
+        self.threshold_fit = {**fit, "sources": sources, "in_sample": in_sample,
+                              "scores": sorted(good.tolist())}  # fmt: skip
+        self.image_threshold.fill_(fit["threshold"])
         self.pixel_threshold.fill_(self.pixel_threshold_rule(torch.cat(maps), pixel_quantile))
         return {
             "image_threshold": float(self.image_threshold),
@@ -132,11 +178,13 @@ class AnomalyModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["ebmad_model_type"] = self.MODEL_TYPE
+        checkpoint["ebmad_threshold_fit"] = self.threshold_fit  # plain types: loads with weights_only
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict", {})
         for name in ("image_threshold", "pixel_threshold"):  # checkpoints written before thresholds existed
             state.setdefault(name, torch.tensor(float("nan")))
+        self.threshold_fit = dict(checkpoint.get("ebmad_threshold_fit") or {})  # {}: an older checkpoint
 
     def evaluate(self, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Exact image and pixel AUROC of every score over labelled batches, outside the Trainer."""
