@@ -109,6 +109,23 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
+def save_module_checkpoint(module: Any, path: str | os.PathLike[str]) -> None:
+    """A Lightning-format checkpoint (weights, buffers, hyperparameters) of a module fitted without
+    ``trainer.fit`` (the fit-only methods): loadable by ``load_from_checkpoint``, predict and export."""
+    import pytorch_lightning as pl
+
+    ckpt: dict[str, Any] = {
+        "epoch": 0,
+        "global_step": 0,
+        "pytorch-lightning_version": pl.__version__,
+        "state_dict": module.state_dict(),
+        "hyper_parameters": dict(module.hparams),
+    }
+    module.on_save_checkpoint(ckpt)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(ckpt, path)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning ``CheckpointIO``: atomic, fsynced checkpoint writes; load errors name the file.
 

@@ -32,8 +32,8 @@ from ebmad.builders import (
     config_model_type,
     instantiate,
 )
-from ebmad.callbacks import preemption_signal
-from ebmad.checkpointing import AtomicCheckpointIO, checkpoint_step
+from ebmad.callbacks import StatisticsCallback, preemption_signal
+from ebmad.checkpointing import AtomicCheckpointIO, checkpoint_step, save_module_checkpoint
 from ebmad.cli import USER_ERRORS, front_door, full_traceback, report_error
 from ebmad.data import false_alarm_summary
 from ebmad.distributed import isolated_job, patch_lightning_hydra_launcher
@@ -126,8 +126,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def fit(trainer: pl.Trainer, model: AnomalyModule, dm: DataModule, ckpt_path: str | None, out: Path,
         start_step: int, timings: dict[str, float]) -> None:  # fmt: skip
-    """``trainer.fit`` (then the statistics and thresholds, in StatisticsCallback); a signal ends as Preempted."""
+    """``trainer.fit`` (then the statistics and thresholds, in StatisticsCallback); a signal ends as Preempted.
+
+    Fit-only methods (PatchCore, PaDiM) take no training steps: :func:`fit_without_steps`.
+    """
     t0 = time.perf_counter()
+    if model.FIT_ONLY:
+        fit_without_steps(trainer, model, dm, out)
+        timings["fit"] = time.perf_counter() - t0
+        return
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     timings["fit"] = time.perf_counter() - t0
     signum = preemption_signal(trainer)
@@ -136,6 +143,27 @@ def fit(trainer: pl.Trainer, model: AnomalyModule, dm: DataModule, ckpt_path: st
             write_status(out, "interrupted", category=dm.category, global_step=trainer.global_step,
                          signal=signum, resumed_from_step=start_step)  # fmt: skip
         raise Preempted(signum, trainer.global_step)
+
+
+def fit_without_steps(trainer: pl.Trainer, model: AnomalyModule, dm: DataModule, out: Path) -> None:
+    """Fit a fit-only model: one pass over the training images (no optimizer; ``trainer.max_steps`` does not
+    apply), then its thresholds; ``checkpoints/last.ckpt`` as after any fit. A rerun refits (one pass).
+
+    One process on one device: the pass is a fraction of the test's cost, so DDP would only add start-up.
+    """
+    if trainer.world_size > 1:
+        raise ValueError(f"model={model.MODEL_TYPE} fits in one pass without training steps and runs on one "
+                         f"device; got {trainer.world_size} processes: use trainer=gpu or trainer=cpu")  # fmt: skip
+    stats = next((c for c in trainer.callbacks if isinstance(c, StatisticsCallback)), None)
+    if stats is None:
+        raise ValueError(f"model={model.MODEL_TYPE} is fitted by callbacks.statistics, which is disabled")
+    dm.trainer = trainer  # the datamodule keeps its tensors on the run's device
+    model.to(trainer.strategy.root_device)
+    log.info("[%s] %s: fitting in one pass over the training images (no training steps; trainer.max_steps "
+             "does not apply)", dm.category, model.MODEL_TYPE)  # fmt: skip
+    stats.fit_now(trainer, model, dm)
+    if trainer.is_global_zero:
+        save_module_checkpoint(model, out / "checkpoints" / "last.ckpt")
 
 
 def selected_checkpoint(trainer: pl.Trainer, cfg: DictConfig) -> tuple[dict[str, Any] | None, str | None]:

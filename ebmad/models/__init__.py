@@ -1,4 +1,4 @@
-"""The anomaly-detection methods ebmad runs, by name (``model=ebm|draem|ssae``)."""
+"""The anomaly-detection methods ebmad runs, by name (``model=ebm|draem|ssae|patchcore|padim``)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ MODEL_CLASSES = {
     "ebm": "ebmad.models.ebm.EBMModule",
     "draem": "ebmad.models.draem.DraemModule",
     "ssae": "ebmad.models.ssae.SSAEModule",
+    "patchcore": "ebmad.models.patchcore.PatchCoreModule",
+    "padim": "ebmad.models.padim.PadimModule",
 }
 
 

@@ -35,3 +35,10 @@ def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:
     if maps.shape[-1] == size and maps.shape[-2] == size:
         return maps
     return F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+
+
+def patch_map(dist: torch.Tensor, grid: tuple[int, int], size: int, smooth: nn.Module
+              ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Patch scores (B, h*w) -> (upsampled map, smoothed map), each (B, size, size)."""
+    raw = upsample(dist.reshape(-1, *grid), size)
+    return raw, smooth(raw)
