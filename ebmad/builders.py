@@ -14,6 +14,7 @@ from ebmad.data import AnomalyDataModule
 from ebmad.data.synthetic import generate_category
 from ebmad.jobs import wandb_run_id
 from ebmad.models import AnomalyModule
+from ebmad.quiet import quiet_wandb_logger
 
 DataModule = AnomalyDataModule  # one datamodule for every dataset layout (ebmad.data)
 
@@ -57,8 +58,8 @@ def build_loggers(cfg: DictConfig, out: Path, model_type: str = "ebm") -> list[A
             continue
         if c._target_.endswith("WandbLogger"):
             tags = [*(c.get("tags") or []), f"model:{model_type}"]
-            loggers.append(instantiate(c, id=wandb_run_id(out), resume="allow", name=f"{c.name}-{model_type}",
-                                       tags=tags))  # fmt: skip
+            loggers.append(quiet_wandb_logger(instantiate(c, id=wandb_run_id(out), resume="allow",
+                                                          name=f"{c.name}-{model_type}", tags=tags)))  # fmt: skip
         else:
             loggers.append(instantiate(c))
     return loggers

@@ -142,3 +142,59 @@ def record_failure(cfg: DictConfig, exc: BaseException) -> None:
     category = OmegaConf.select(cfg, "data.category", default=None)
     write_status(out, "failed", category=category, error=f"{type(exc).__name__}: {exc}",
                  traceback=traceback.format_exc(), overrides=job_overrides())  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------- sweep order
+# {"total": the job count of the running local sweep}, set by the launcher patch
+SWEEP_SIZE: dict[str, int | None] = {}
+
+
+def seed_major(job_overrides: list[list[str]], key: str = "seed") -> list[int]:
+    """Launch order of a sweep's jobs: by the position of their ``seed`` value (first seen first), else as given.
+
+    Every method and category then gets its first seed before any gets a second, so a sweep stopped early
+    still compares every method.
+    """
+    rank: dict[str, int] = {}
+    seeds = []
+    for overrides in job_overrides:
+        value = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+~").split("=", 1)[0] == key), "")
+        seeds.append(rank.setdefault(value, len(rank)))
+    return sorted(range(len(job_overrides)), key=lambda i: seeds[i])
+
+
+def order_sweep_jobs() -> None:
+    """Make Hydra's local launcher run a sweep seed-major (:func:`seed_major`) and record its size, for the
+    "job i/N" lines (:func:`sweep_position`). Results go back to the sweeper in its own order. Idempotent.
+
+    Called when a multirun starts (``ebmad.report.SweepSummary``): Hydra re-executes its plugin modules when
+    it scans them, which would undo a patch made earlier."""
+    from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+
+    launch = BasicLauncher.launch
+    if getattr(launch, "ebmad_seed_major", False):
+        return
+
+    def seed_major_launch(self: Any, job_overrides: Any, initial_job_idx: int) -> Any:
+        jobs = [list(o) for o in job_overrides]
+        order = seed_major(jobs)
+        sweeper = (self.config.hydra.get("sweeper") if self.config is not None else None) or {}
+        SWEEP_SIZE["total"] = sweeper.get("n_trials") or (
+            None if sweeper.get("max_batch_size") else initial_job_idx + len(jobs)
+        )
+        runs = launch(self, [jobs[i] for i in order], initial_job_idx)
+        back: list[Any] = [None] * len(jobs)
+        for pos, i in enumerate(order):
+            back[i] = runs[pos]
+        return back
+
+    seed_major_launch.ebmad_seed_major = True  # type: ignore[attr-defined]
+    BasicLauncher.launch = seed_major_launch
+
+
+def sweep_position() -> tuple[int, int | None] | None:
+    """(this job's 1-based number, the sweep's job count or None when unknown) in a multirun, else None."""
+    if not in_multirun():
+        return None
+    num = HydraConfig.get().job.get("num")
+    return (int(num) + 1 if num is not None else 0), SWEEP_SIZE.get("total")

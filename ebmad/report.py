@@ -5,7 +5,9 @@
 Per metric (image AUROC, pixel AUROC, pixel AP, AUPRO when recorded) one table with a row per category and
 a column per model (named with its headline score), the published number of each model beside it where one
 exists (``ebmad/reference/published.csv``) and the difference, and the mean over categories, compared with
-the published mean over the same categories only. ``seed`` is a replicate: every cell is the mean ± sample
+the published mean over the same categories only. The difference is printed only where the runs match the
+published protocol (data, resolution, training length); elsewhere the published value stands as context,
+"not comparable: <why>". Every table says how many runs a value summarizes ("single run (n = 1)"). ``seed`` is a replicate: every cell is the mean ± sample
 standard deviation (ddof=1) over the completed seeds, with n. The EBM's score variants and its untrained
 reference get tables of their own. One block per hyperparameter setting; for a hyperparameter search
 (Optuna) the trials ranked by their objective instead. Jobs that failed, were interrupted, never finished or
@@ -38,6 +40,7 @@ from ebmad.report_jobs import (
     load_published,
     load_sweep,
     models_of,
+    record_invocation,
     stat,
 )
 from ebmad.synthesis import favoured
@@ -67,8 +70,10 @@ STD_NOTE = ("Seeds are replicates: each value is the mean ± sample standard dev
             "category), n those seeds.")  # fmt: skip
 PUBLISHED_NOTE = ("Published numbers: EBM per-category pixel AUROC from Genc et al. Table 2 (image AUROC only as "
                   "a 15-category mean); DRAEM from Zavrtanik et al. Table 2; SSAE journal means. Sources in "
-                  "`ebmad/reference/published.csv`. Δ = ours - published; a mean is compared with the published "
-                  "mean over the same categories only.")  # fmt: skip
+                  "`ebmad/reference/published.csv`. Δ = ours - published, printed only where the runs match the paper's "
+                  "protocol in data, resolution and training length (at least 90 %; the protocol columns of "
+                  "published.csv); elsewhere the published value is context, marked not comparable. A mean is "
+                  "compared with the published mean over the same categories only.")  # fmt: skip
 
 
 @dataclass
@@ -164,6 +169,7 @@ def metric_table(jobs: list[Job], metric: str, title: str, show_n: bool | None =
     show_n = _multi_seed(jobs) if show_n is None else show_n
     models = models_of(jobs)
     has_paper = {m: PUBLISHED.has(m, metric) for m in models}
+    why_not = {m: PUBLISHED.not_comparable(m, metric, jobs) if has_paper[m] else "" for m in models}
     head = ["category"]
     for m in models:
         head += [_score_name(jobs, m, metric)] + ([f"paper {m}", "Δ"] if has_paper[m] else [])
@@ -177,7 +183,7 @@ def metric_table(jobs: list[Job], metric: str, title: str, show_n: bool | None =
             cells.append(fmt_stat(s, show_n))
             if has_paper[m]:
                 paper = PUBLISHED.get(m, cat, metric)
-                cells += [_fmt(paper), _delta(s.mean, paper)]
+                cells += [_fmt(paper), _paper_delta(s.mean, paper, why_not[m])]
         t.rows.append([*cells, _status(row, len(models) > 1, show_n)])
     cells = ["**mean** (completed/all categories)"]
     for m in models:
@@ -185,10 +191,37 @@ def metric_table(jobs: list[Job], metric: str, title: str, show_n: bool | None =
         cells.append(fmt_mean(cm, show_n))
         if has_paper[m]:
             paper, why = PUBLISHED.mean_over(m, metric, cm.categories)
-            cells += [_fmt(paper), _delta(cm.mean, paper)]
+            cells += [_fmt(paper), _paper_delta(cm.mean, paper, why_not[m])]
             t.notes += [why] if why else []
     t.rows.append([*cells, ""])
+    t.notes += [comparability_note(m, why_not[m]) for m in models if why_not[m]]
+    t.notes.append(n_caption(jobs))
     return t
+
+
+def _paper_delta(ours: float | None, paper: float | None, why_not: str) -> str:
+    """Δ to a published value, or "not comparable: <why>" (no Δ) when the run does not match its protocol."""
+    if why_not and paper is not None:
+        return f"not comparable: {why_not}"
+    return _delta(ours, paper)
+
+
+def comparability_note(model: str, why_not: str) -> str:
+    return (f"{model}: the published values are context only, not comparable ({why_not}): no Δ is printed; "
+            "a Δ needs the paper's data, resolution and training length (ebmad/reference/published.csv)")  # fmt: skip
+
+
+def n_caption(jobs: list[Job]) -> str:
+    """How many runs each value summarizes: "single run (n = 1)" or "mean ± standard deviation over n = k seeds"."""
+    counts = [sum(j.done for j in jobs if (j.model, j.category) == key)
+              for key in dict.fromkeys((j.model, j.category) for j in jobs)]  # fmt: skip
+    counts = [c for c in counts if c] or [0]
+    lo, hi = min(counts), max(counts)
+    if hi <= 1:
+        return "single run (n = 1) per model and category: no standard deviation"
+    if lo == hi:
+        return f"mean ± sample standard deviation over n = {hi} seeds per model and category"
+    return f"mean ± sample standard deviation over n = {lo} to {hi} seeds per model and category (n in each cell)"
 
 
 def variant_table(jobs: list[Job], kind: str, columns: tuple[str, ...], title: str,
@@ -204,6 +237,8 @@ def variant_table(jobs: list[Job], kind: str, columns: tuple[str, ...], title: s
     done = means[-1].categories if means else []
     paper, why = PUBLISHED.mean_over("ebm", kind, done)
     t.notes += [why] if why else []
+    why_not = PUBLISHED.not_comparable("ebm", kind, jobs) if PUBLISHED.has("ebm", kind) else ""
+    t.notes += [comparability_note("ebm", why_not)] if why_not else []
     label = f"**mean** ({len(done)} of {len(_categories(jobs))} categories completed)"
     t.rows.append([label, *(fmt_mean(cm, show_n) for cm in means), _fmt(paper), ""])
     return t
@@ -351,8 +386,11 @@ def header_lines(sweep: Sweep) -> list[str]:
     what = "Trials" if sweep.search else "Jobs"
     asked = f" (n_trials={sweep.n_trials})" if sweep.search and sweep.n_trials is not None else ""
     lines = [f"{what}: {_counts(sweep.jobs)}{asked}"]
-    if sweep.command:
-        lines.append(f"Command: `{sweep.command}`")
+    if len(sweep.invocations) > 1:
+        lines += [f"Command {i} of {len(sweep.invocations)} ({n} job{'s' * (n != 1)}): `{cmd}`"
+                  for i, (cmd, n) in enumerate(sweep.invocations, start=1)]  # fmt: skip
+    elif sweep.invocations or sweep.command:
+        lines.append(f"Command: `{sweep.invocations[0][0] if sweep.invocations else sweep.command}`")
     commits = dict.fromkeys(_commit(j.git) for j in sweep.jobs if j.git)
     if commits:
         lines.append("Commit: " + ", ".join(commits))
@@ -408,12 +446,22 @@ def csv_columns(jobs: Sequence[Job]) -> tuple[list[str], list[str]]:
     """(all columns, the metric keys among them); every column name is unique."""
     keys = sorted({k for j in jobs for k, v in j.metrics.items() if isinstance(v, int | float)})
     cols = ["setting", "model", "category", "seed", "row", "status", "n", *(f"headline_{m}" for m in HEADLINES),
-            "image_score", "pixel_map", *keys, *(f"paper_{m}" for m in HEADLINES), "objective", "trial",
+            "image_score", "pixel_map", *keys, *(f"paper_{m}" for m in HEADLINES), "paper_comparable", "objective",
+            "trial",
             "folder", "error"]  # fmt: skip
     dup = sorted({c for c in cols if cols.count(c) > 1})
     if dup:
         raise ValueError(f"report.csv would repeat the columns {dup}")
     return cols, keys
+
+
+def paper_comparable(model: str, jobs: list[Job]) -> str:
+    """The CSV's ``paper_comparable``: "yes", "no: <why>" or "" (no published value of the model)."""
+    whys = [PUBLISHED.not_comparable(model, m, jobs) for m in HEADLINES if PUBLISHED.has(model, m)]
+    if not whys:
+        return ""
+    why = "; ".join(dict.fromkeys(w for w in whys if w))
+    return f"no: {why}" if why else "yes"
 
 
 def _num(v: float | None) -> str | float:
@@ -434,7 +482,7 @@ def write_csv(jobs: list[Job] | Sweep, path: Path) -> None:
                      "image_score": j.scores.get("image_auroc", ""), "pixel_map": j.scores.get("pixel_auroc", ""),
                      **{k: _num(j.metrics.get(k)) for k in keys},
                      **{f"paper_{m}": _num(PUBLISHED.get(j.model, j.category, m)) for m in HEADLINES},
-                     "objective": _num(j.objective), "trial": "" if j.trial is None else j.trial,
+                     "paper_comparable": paper_comparable(j.model, [j]) if j.done else "", "objective": _num(j.objective), "trial": "" if j.trial is None else j.trial,
                      "folder": j.folder or "", "error": j.error})  # fmt: skip
     kinds = ("mean", "std") if multi else ("mean",)
     for setting in sorted({j.setting for j in jobs}):
@@ -451,7 +499,8 @@ def write_csv(jobs: list[Job] | Sweep, path: Path) -> None:
                 for kind in kinds:
                     rows.append({**base, "category": cat, "row": kind, "n": n, "status": _status(group, False, True),
                                  **{(f"headline_{k}" if k in HEADLINES else k): _num(getattr(s, kind)) for k, s in stats.items()},
-                                 **{f"paper_{m}": _num(PUBLISHED.get(model, cat, m)) for m in HEADLINES}})  # fmt: skip
+                                 **{f"paper_{m}": _num(PUBLISHED.get(model, cat, m)) for m in HEADLINES},
+                                 "paper_comparable": paper_comparable(model, group)})  # fmt: skip
             means = {m: category_mean(sel, _headline_of(m)) for m in HEADLINES} | {
                 k: category_mean(sel, _metric_of(k)) for k in keys
             }
@@ -461,7 +510,8 @@ def write_csv(jobs: list[Job] | Sweep, path: Path) -> None:
                 rows.append({**base, "category": "mean", "row": kind, "n": cm.n_seeds,
                              "status": f"{len(cm.categories)}/{cm.n_all} categories",
                              **{(f"headline_{k}" if k in HEADLINES else k): _num(getattr(c, kind)) for k, c in means.items()},
-                             **{f"paper_{m}": _num(papers[m]) for m in HEADLINES}})  # fmt: skip
+                             **{f"paper_{m}": _num(papers[m]) for m in HEADLINES},
+                             "paper_comparable": paper_comparable(model, sel)})  # fmt: skip
     with path.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols)
         w.writeheader()
@@ -532,7 +582,17 @@ except ImportError:  # pragma: no cover
 
 
 class SweepSummary(Callback):
-    """Hydra callback: after a multirun, write the report into the sweep folder and print it."""
+    """Hydra callback: records each multirun's command (``invocations.jsonl``); after a multirun, writes the
+    report into the sweep folder and prints it."""
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        from omegaconf import OmegaConf
+
+        from ebmad.jobs import order_sweep_jobs
+
+        order_sweep_jobs()  # here: Hydra has loaded its launcher plugin by now (it re-executes plugin modules)
+        hydra = OmegaConf.to_container(config.hydra, resolve=False)
+        record_invocation(Path(config.hydra.sweep.dir), hydra)  # type: ignore[arg-type]
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

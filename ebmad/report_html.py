@@ -30,6 +30,7 @@ from ebmad.report import (
     _status,
     _untrained_key,
     header_lines,
+    n_caption,
     not_completed_table,
     report_settings,
     setting_lines,
@@ -122,6 +123,7 @@ def bar_chart(jobs: list[Job], metric: str, label: str) -> str:
     x = np.arange(len(labels))
     get = _headline_of(metric)
     marked_paper = marked_ref = False
+    context = any(PUBLISHED.has(m, metric) and PUBLISHED.not_comparable(m, metric, jobs) for m in models)
     for k, m in enumerate(models):
         sel = [j for j in jobs if j.model == m]
         pos = x + (k - (len(models) - 1) / 2) * width
@@ -151,7 +153,7 @@ def bar_chart(jobs: list[Job], metric: str, label: str) -> str:
         pp = [(p, v) for p, v in zip(pos, papers, strict=True) if v is not None]
         if pp:
             ax.scatter(*zip(*pp, strict=True), marker="_", s=400, linewidths=2.5, color="black", zorder=3,
-                       label=None if marked_paper else "published")  # fmt: skip
+                       label=None if marked_paper else "published" + (" (context)" if context else ""))  # fmt: skip
             marked_paper = True
         rr = [(p, v) for p, v in zip(pos, refs, strict=True) if v is not None]
         if rr:
@@ -295,9 +297,9 @@ def render_html(sweep: Sweep) -> str:
             parts.append(table_html(t, f"table-{n}"))
             if t.metric:
                 label = t.title.split(": ", 1)[-1]
-                parts.append(_img(bar_chart(sel, t.metric, label), f"{label} by category: each model's mean ± "
-                                  "standard deviation over seeds (bars), published value (black line), untrained "
-                                  "reference (x)"))  # fmt: skip
+                parts.append(_img(bar_chart(sel, t.metric, label), f"{label} by category, {n_caption(sel)} "
+                                  "(bars), published value (black line; context only where the notes say not "
+                                  "comparable), untrained reference (x)"))  # fmt: skip
         parts.append("<h3>ROC and PRO curves</h3>\n")
         for cat in _categories(sel):
             uri = curves_figure(sel, cat, cache)

@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import statistics
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,17 +27,35 @@ MODEL_KEY = "model"
 SEED_KEY = "seed"
 MODEL_KEYS = (MODEL_KEY, "recipe")  # what picks the method: a column of the tables, not a setting
 NOT_SETTINGS = (CATEGORY_KEY, SEED_KEY, *MODEL_KEYS)
+INVOCATIONS = "invocations.jsonl"  # one line per multirun command that ran in the sweep folder
 SWEEP_FUNCTIONS = ("choice", "range", "interval", "tag", "glob")
 MODEL_ORDER = ("ebm", "draem", "ssae")
 
 
 # ----------------------------------------------------------------------------------------- published
+@dataclass(frozen=True)
+class Protocol:
+    """What a published number was measured under (the columns of ``published.csv``; None/"": not recorded)."""
+
+    dataset: str = ""  # mvtec_ad | visa | mvtec_ad2 | ...
+    image_size: int | None = None  # training and evaluation resolution (px)
+    train_steps: int | None = None  # training length in optimizer steps, or
+    train_epochs: float | None = None  # in epochs over the training images
+
+
+LENGTH_SHARE = 0.9  # a run trained at least this share of the paper's length counts as trained as long
+LAYOUT_DATASETS = {"mvtec": "mvtec_ad"}  # data.layout -> the dataset name of published.csv (others: as is)
+
+
 @dataclass
 class Published:
-    """Published numbers {(model, category or "mean", metric): value}; ``over``: the categories of a mean."""
+    """Published numbers {(model, category or "mean", metric): value}; ``over``: the categories of a mean;
+    ``protocols``: what each model's numbers were measured under, for the comparability rule
+    (:meth:`not_comparable`)."""
 
     values: dict[tuple[str, str, str], float]
     over: dict[tuple[str, str], tuple[str, ...]]
+    protocols: dict[tuple[str, str], Protocol] = field(default_factory=dict)  # {(model, metric): protocol}
 
     def get(self, model: str, category: str, metric: str) -> float | None:
         return self.values.get((model, category, metric))
@@ -60,20 +79,46 @@ class Published:
         return None, (f"published {model} {metric} is {mean:.3f} as the mean over {n_over} only; this sweep "
                       f"completed {len(cats)} ({', '.join(cats) or 'none'}), so no mean difference is printed")  # fmt: skip
 
+    def not_comparable(self, model: str, metric: str, jobs: Iterable[Job]) -> str:
+        """Why the completed ``jobs`` of ``model`` do not match the protocol of its published ``metric``
+        (data, resolution, training length), or "" when they do. A protocol field the CSV leaves empty
+        cannot be matched: it is named too."""
+        proto = self.protocols.get((model, metric))
+        if proto is None:
+            return ""
+        why: dict[str, None] = {}
+        for j in jobs:
+            if j.done and j.model == model:
+                for reason in protocol_mismatch(j, proto):
+                    why[reason] = None
+        return "; ".join(why)
+
+
+def _optional(r: dict[str, str], key: str, kind: type) -> Any:
+    text = (r.get(key) or "").strip()
+    return kind(text) if text else None
+
 
 def load_published(path: Path = PUBLISHED_CSV) -> Published:
-    """Read ``published.csv`` (model, category, metric, value, source, mean_over); a clear error on bad rows."""
+    """Read ``published.csv`` (model, category, metric, value, source, mean_over and the protocol columns
+    dataset, image_size, train_steps, train_epochs); a clear error on bad rows."""
     values: dict[tuple[str, str, str], float] = {}
     over: dict[tuple[str, str], tuple[str, ...]] = {}
+    protocols: dict[tuple[str, str], Protocol] = {}
     with path.open() as fh:
         for line, r in enumerate(csv.DictReader(fh), start=2):
             try:
                 values[(r["model"], r["category"], r["metric"])] = float(r["value"])
+                proto = Protocol((r.get("dataset") or "").strip(), _optional(r, "image_size", int),
+                                 _optional(r, "train_steps", int), _optional(r, "train_epochs", float))  # fmt: skip
             except (KeyError, TypeError, ValueError) as exc:
                 raise ValueError(f"{path}:{line}: bad published row {r} ({exc})") from exc
+            if protocols.setdefault((r["model"], r["metric"]), proto) != proto:
+                raise ValueError(f"{path}:{line}: {r['model']} {r['metric']} rows disagree on the protocol "
+                                 f"({proto} vs {protocols[(r['model'], r['metric'])]})")  # fmt: skip
             if r["category"] == "mean" and (r.get("mean_over") or "").strip():
                 over[(r["model"], r["metric"])] = tuple(r["mean_over"].split())
-    return Published(values, over)
+    return Published(values, over, protocols)
 
 
 PUBLISHED = load_published()
@@ -105,10 +150,55 @@ class Job:
     recipe: str = ""  # the model/recipe override, e.g. ebm_tiny
     examples: Path | None = None  # <run>/examples.npz when written
     trains_on: list[str] | None = None  # the validation kinds its training also draws (recorded by the run)
+    global_step: int | None = None  # optimizer steps trained (recorded by the run)
+    n_train: int | None = None  # training images
 
     @property
     def done(self) -> bool:
         return self.status == "completed"
+
+
+def run_dataset(config: dict[str, Any]) -> str:
+    """The dataset a run used, named as in ``published.csv``: ``synthetic`` for the generated categories."""
+    data = config.get("data") or {}
+    if data.get("synthetic"):
+        return "synthetic"
+    layout = str(data.get("layout") or "?")
+    return LAYOUT_DATASETS.get(layout, layout)
+
+
+def protocol_mismatch(job: Job, proto: Protocol) -> list[str]:
+    """How a completed job differs from a published protocol in what matters: data, resolution, training
+    length ([] = comparable)."""
+    cfg = job.config or {}
+    data = cfg.get("data") or {}
+    out = []
+    dataset = run_dataset(cfg)
+    if not proto.dataset:
+        out.append("the paper's dataset is not recorded")
+    elif dataset != proto.dataset:
+        out.append(f"{dataset} data, the paper's {proto.dataset}")
+    size = data.get("image_size")
+    if proto.image_size is None:
+        out.append("the paper's resolution is not recorded")
+    elif size != proto.image_size:
+        out.append(f"{size} px, the paper's {proto.image_size} px")
+    steps = job.global_step
+    if proto.train_steps is None and proto.train_epochs is None:
+        out.append("the paper's training length is not recorded")
+    elif not isinstance(steps, int):
+        out.append("the run's training length is not recorded")
+    elif proto.train_steps is not None:
+        if steps < LENGTH_SHARE * proto.train_steps:
+            out.append(f"{steps} steps, the paper's {proto.train_steps}")
+    else:
+        batch, n = data.get("batch_size"), job.n_train
+        epochs = steps * batch / n if isinstance(batch, int) and isinstance(n, int) and n > 0 else None
+        if epochs is None:
+            out.append("the run's epochs are not recorded")
+        elif epochs < LENGTH_SHARE * proto.train_epochs:  # type: ignore[operator]
+            out.append(f"{epochs:.0f} epochs, the paper's {proto.train_epochs:g}")
+    return out
 
 
 @dataclass
@@ -122,6 +212,7 @@ class Sweep:
     n_trials: int | None = None
     objective: str | None = None  # optimized_metric
     command: str = ""
+    invocations: list[tuple[str, int]] = field(default_factory=list)  # (command, jobs it ran), in order
     categories: list[str] = field(default_factory=list)
     seeds: list[str] = field(default_factory=list)
 
@@ -279,16 +370,56 @@ def _read_job(folder: Path, sweep_keys: set[str] | None) -> Job:
         git=res.get("git") or {}, device=res.get("device") or {}, recipe=recipe,
         examples=examples if examples.is_file() else None,
         trains_on=(res.get("validation_set") or {}).get("trains_on_validation_kinds"),
+        global_step=res.get("global_step"), n_train=res.get("n_train"),
     )  # fmt: skip
 
 
-def _command(sweep_dir: Path) -> str:
-    overrides = _multirun(sweep_dir).get("overrides") or {}
-    hydra = [str(o) for o in overrides.get("hydra") or [] if o != "hydra.mode=MULTIRUN"]
+def command_of(hydra: dict[str, Any]) -> str:
+    """The command line of a multirun from its Hydra config (``hydra.overrides``)."""
+    overrides = hydra.get("overrides") or {}
+    extra = [str(o) for o in overrides.get("hydra") or [] if o != "hydra.mode=MULTIRUN"]
     task = [str(o) for o in overrides.get("task") or []]
-    if not (hydra or task):
+    if not (extra or task):
         return ""
-    return " ".join(["python -m ebmad.train -m", *task, *hydra])
+    return " ".join(["python -m ebmad.train -m", *task, *extra])
+
+
+def _command(sweep_dir: Path) -> str:
+    return command_of(_multirun(sweep_dir))
+
+
+def record_invocation(sweep_dir: Path, hydra: dict[str, Any]) -> None:
+    """Append this multirun's command and start time to ``<sweep>/invocations.jsonl`` (a sweep resumed or
+    extended by a second command keeps the first: ``multirun.yaml`` holds only the last)."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with (sweep_dir / INVOCATIONS).open("a") as fh:
+        fh.write(json.dumps({"started": time.time(), "command": command_of(hydra)}) + "\n")
+
+
+def invocations(sweep_dir: Path, jobs: Iterable[Job]) -> list[tuple[str, int]]:
+    """(command, jobs it ran) of every invocation that wrote a job's ``results.json``, in order: a job counts
+    for the last invocation started before its results were written."""
+    path = sweep_dir / INVOCATIONS
+    if not path.is_file():
+        return []
+    starts = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+            starts.append((float(rec["started"]), str(rec.get("command") or "")))
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a crash
+    starts.sort()
+    counts = [0] * len(starts)
+    for j in jobs:
+        res = j.folder / "results.json" if j.folder else None
+        if res is None or not res.is_file():
+            continue
+        written = res.stat().st_mtime
+        i = max((k for k, (t, _) in enumerate(starts) if t <= written), default=None)
+        if i is not None:
+            counts[i] += 1
+    return [(cmd, n) for (_, cmd), n in zip(starts, counts, strict=True) if n]
 
 
 def models_of(jobs: Iterable[Job]) -> list[str]:
@@ -315,7 +446,7 @@ def load_sweep(sweep_dir: str | Path, categories: list[str] | None = None) -> Sw
     )
     sweep = Sweep(sweep_dir, jobs, search=search, direction=str(sweeper.get("direction") or "maximize"),
                   n_trials=sweeper.get("n_trials") if search else None, objective=objective,
-                  command=_command(sweep_dir))  # fmt: skip
+                  command=_command(sweep_dir), invocations=invocations(sweep_dir, jobs))  # fmt: skip
     sweep.categories = list(categories or expected_categories(sweep_dir)) or list(dict.fromkeys(
         j.category for j in jobs))  # fmt: skip
     sweep.seeds = _swept_values(sweep_dir, SEED_KEY) or sorted(

@@ -15,7 +15,8 @@ from ebmad.report import HEADLINES, _categories, _headline_of, report_settings
 from ebmad.report_jobs import PUBLISHED, Sweep, category_mean, models_of, stat
 
 log = logging.getLogger(__name__)
-COLUMNS = ["setting", "model", "category", "metric", "mean", "std", "n", "published", "delta", "status"]
+COLUMNS = ["setting", "model", "category", "metric", "mean", "std", "n", "published", "delta", "status",
+           "comparable"]  # fmt: skip
 
 
 def summary_rows(sweep: Sweep) -> list[list[Any]]:
@@ -28,19 +29,21 @@ def summary_rows(sweep: Sweep) -> list[list[Any]]:
             for metric in HEADLINES:
                 if not any(metric in j.headline for j in jobs):
                     continue
+                why = PUBLISHED.not_comparable(model, metric, jobs)  # "": comparable (or nothing published)
+                note = f"no: {why}" if why else ("yes" if PUBLISHED.has(model, metric) else "")
                 for cat in _categories(jobs):
                     group = [j for j in jobs if j.category == cat]
                     s = stat(group, _headline_of(metric))
                     paper = PUBLISHED.get(model, cat, metric)
                     done = sum(j.done for j in group)
                     rows.append([setting, model, cat, metric, s.mean, s.std, s.n, paper,
-                                 None if s.mean is None or paper is None else s.mean - paper,
-                                 f"{done}/{len(group)} completed"])  # fmt: skip
+                                 None if s.mean is None or paper is None or why else s.mean - paper,
+                                 f"{done}/{len(group)} completed", note])  # fmt: skip
                 cm = category_mean(jobs, _headline_of(metric))
                 paper = PUBLISHED.mean_over(model, metric, cm.categories)[0]
                 rows.append([setting, model, "mean", metric, cm.mean, cm.std, cm.n_seeds, paper,
-                             None if cm.mean is None or paper is None else cm.mean - paper,
-                             f"{len(cm.categories)}/{cm.n_all} categories"])  # fmt: skip
+                             None if cm.mean is None or paper is None or why else cm.mean - paper,
+                             f"{len(cm.categories)}/{cm.n_all} categories", note])  # fmt: skip
     return [[None if isinstance(v, float) and math.isnan(v) else v for v in r] for r in rows]
 
 

@@ -22,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
+from ebmad import quiet
 from ebmad.builders import (
     DataModule,
     build_callbacks,
@@ -248,7 +249,8 @@ def evaluate_test_set(cfg: DictConfig, model: AnomalyModule, dm: DataModule, tra
         timings["figures"] = time.perf_counter() - t0
         for lg in loggers:
             if isinstance(lg, pl.loggers.WandbLogger):
-                lg.log_image("test/figures", images=[str(p) for p in paths], caption=[p.stem for p in paths])
+                for p in paths:  # one key per figure: W&B warns about (and misdraws) mixed sizes in one key
+                    lg.log_image(f"test/figures/{p.stem}", images=[str(p)])
     return extra
 
 
@@ -300,6 +302,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> float | None:
     """``python -m ebmad.train`` / ``ebmad-train``: settings checked first (did you mean ...), then Hydra."""
+    quiet.install()  # library warnings that do not apply (ebmad.quiet)
     front_door(sys.argv[1:], CONF_DIR, "train")
     return hydra_main()
 
