@@ -86,7 +86,7 @@ def threshold_text(results: dict[str, Any]) -> str:
         text += (f" false_alarm_target={fit['target']:g} false_alarm_expected={fit['expected_rate']:.4f} "
                  f"false_alarm_bound{conf}={fit['upper_bound']:.4f}")  # fmt: skip
     measured = thr.get("measured_on_test_good")
-    if measured:
+    if measured and "false_alarms" not in results:  # (else the line's head already says it)
         text += f" false_alarm_test_good={measured['rate']:.4f}({measured['false_alarms']}/{measured['n']})"
     if not fit.get("enough", True):
         text += (f" WARNING: {fit['n']} defect-free images cannot fit a {100 * fit['target']:g} % false-alarm rate "

@@ -174,11 +174,12 @@ def legend(image: Image.Image, score: float, image_thr: float, area: int, pixel_
     width = max(image.width, 420)
     unit = max(1, round(width / 420))
     bar_h, pad, text = 14 * unit, 6 * unit, 13 * unit
-    strip_h = bar_h + 5 * text + 7 * pad
+    font = _font(text)
+    source_lines = wrap(f"image threshold: {source}", font, width - 2 * pad) if source else []
+    strip_h = bar_h + (4 + len(source_lines)) * text + (6 + len(source_lines)) * pad
     panel = Image.new("RGB", (width, image.height + strip_h), (255, 255, 255))
     panel.paste(image, (0, 0))
     draw = ImageDraw.Draw(panel)
-    font = _font(text)
     x0, x1, y = pad, width - pad, image.height + pad
     ramp = np.linspace(0.0, 2.0 * pixel_thr, max(2, x1 - x0))[None, :].repeat(bar_h, axis=0)
     panel.paste(Image.fromarray(heat_colors(ramp, pixel_thr)), (x0, y))
@@ -197,9 +198,22 @@ def legend(image: Image.Image, score: float, image_thr: float, area: int, pixel_
     draw.text(
         (x0, y), f"defect area {area} px (map >= pixel threshold {pixel_thr:.4g})", fill=(0, 0, 0), font=font
     )
-    y += text + pad
-    draw.text((x0, y), f"image threshold: {source}", fill=(0, 0, 0), font=font)
+    for line in source_lines:
+        y += text + pad
+        draw.text((x0, y), line, fill=(0, 0, 0), font=font)
     return panel
+
+
+def wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int) -> list[str]:
+    """``text`` broken at spaces into lines no wider than ``width`` pixels (a longer word stays whole)."""
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines: list[str] = []
+    for word in text.split():
+        if lines and measure.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
 
 
 def upsample(amap: torch.Tensor, width: int, height: int) -> np.ndarray:

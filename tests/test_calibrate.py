@@ -12,12 +12,13 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from PIL import Image
 
 from ebmad.calibration import thresholds_file_for
 from ebmad.data.io import list_images, load_image
 from ebmad.evaluation.thresholds import calibrate_threshold, false_alarm_estimate
 from ebmad.export import load_module
-from ebmad.predict import predict
+from ebmad.predict import _font, legend, predict, wrap
 from ebmad.train import CONF_DIR, run
 
 from conftest import compose_cfg, tiny_overrides
@@ -213,3 +214,14 @@ def test_a_checkpoint_written_before_provenance_still_predicts(ckpt, shots, tmp_
     # and it can still be calibrated (no label-free scores to estimate the false-alarm rate from)
     cal = predict(cfg_of("predict", ckpt_path=ckpt, calibrate=shots, output=tmp_path / "c"))["calibration"]
     assert "false_alarm_estimate" not in cal and math.isfinite(cal["image_threshold"])
+
+
+def test_the_legend_wraps_the_threshold_source_to_the_overlay_width():
+    text = "image threshold: calibrated on 6 good + 6 defective shots, goal recall>=0.9; expected false alarms 4.55 %"
+    font = _font(13)
+    lines = wrap(text, font, 200)
+    assert " ".join(lines) == text and len(lines) > 1
+    assert all(font.getlength(line) <= 200 for line in lines)
+    image = Image.new("RGB", (256, 256))
+    short, long = legend(image, 1.0, 2.0, 0, 1.0, "command line"), legend(image, 1.0, 2.0, 0, 1.0, text)
+    assert short.width == long.width == 420 and long.height > short.height

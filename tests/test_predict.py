@@ -86,6 +86,8 @@ def test_cli_on_mixed_folder_keeps_going_past_a_truncated_file(ckpt, mixed_folde
     assert p.returncode == 1, p.stderr[-3000:]
     summary = p.stdout.strip().splitlines()[-1]
     assert "scored=4" in summary and "failed=1" in summary and "device=cpu" in summary
+    assert f"image_threshold={image_thr:.6g} threshold_source=command_line" in summary
+    assert "image threshold: command line" in p.stdout  # the provenance, printed before the summary
     assert f"FAILED {mixed_folder / 'truncated.png'}" in p.stdout
 
     rows = {Path(r["path"]).name: r for r in read_csv(out / "predictions.csv")}
@@ -107,6 +109,7 @@ def test_cli_on_mixed_folder_keeps_going_past_a_truncated_file(ckpt, mixed_folde
         assert mask.size == (w, h) and overlay.mode == "RGB"  # the overlay has its legend strip below
         assert overlay.width == max(w, 420) and overlay.height > h
         assert float(row["image_threshold"]) == image_thr and float(row["pixel_threshold"]) == pixel_thr
+        assert row["threshold_source"] == "command line" and row["expected_false_alarm_rate"] != ""
         m = np.asarray(mask) > 0
         assert int(row["defect_area_px"]) == int(m.sum()) and (int(row["width"]), int(row["height"])) == (
             w,
