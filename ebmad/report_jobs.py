@@ -41,6 +41,7 @@ class Protocol:
     image_size: int | None = None  # training and evaluation resolution (px)
     train_steps: int | None = None  # training length in optimizer steps, or
     train_epochs: float | None = None  # in epochs over the training images
+    backbone: str = ""  # the pretrained backbone (PatchCore, PaDiM: model.backbone); "" = none
 
 
 LENGTH_SHARE = 0.9  # a run trained at least this share of the paper's length counts as trained as long
@@ -110,7 +111,8 @@ def load_published(path: Path = PUBLISHED_CSV) -> Published:
             try:
                 values[(r["model"], r["category"], r["metric"])] = float(r["value"])
                 proto = Protocol((r.get("dataset") or "").strip(), _optional(r, "image_size", int),
-                                 _optional(r, "train_steps", int), _optional(r, "train_epochs", float))  # fmt: skip
+                                 _optional(r, "train_steps", int), _optional(r, "train_epochs", float),
+                                 (r.get("backbone") or "").strip())  # fmt: skip
             except (KeyError, TypeError, ValueError) as exc:
                 raise ValueError(f"{path}:{line}: bad published row {r} ({exc})") from exc
             if protocols.setdefault((r["model"], r["metric"]), proto) != proto:
@@ -169,7 +171,7 @@ def run_dataset(config: dict[str, Any]) -> str:
 
 def protocol_mismatch(job: Job, proto: Protocol) -> list[str]:
     """How a completed job differs from a published protocol in what matters: data, resolution, training
-    length ([] = comparable)."""
+    length (``train_steps`` 0: fitted without training steps), pretrained backbone ([] = comparable)."""
     cfg = job.config or {}
     data = cfg.get("data") or {}
     out = []
@@ -198,6 +200,9 @@ def protocol_mismatch(job: Job, proto: Protocol) -> list[str]:
             out.append("the run's epochs are not recorded")
         elif epochs < LENGTH_SHARE * proto.train_epochs:  # type: ignore[operator]
             out.append(f"{epochs:.0f} epochs, the paper's {proto.train_epochs:g}")
+    backbone = (cfg.get("model") or {}).get("backbone")
+    if proto.backbone and backbone != proto.backbone:
+        out.append(f"{backbone or 'no'} backbone, the paper's {proto.backbone}")
     return out
 
 

@@ -205,6 +205,21 @@ def test_a_published_value_is_context_only_where_the_protocol_differs():
     assert "the paper's training length is not recorded" in " ".join(lines)
 
 
+def test_a_published_value_of_another_backbone_is_context_only():
+    """PatchCore on EfficientNet-Lite0 at the paper's data, size and (no) training steps vs the paper's
+    WideResNet-50: the backbone alone makes it not comparable; the same backbone would be compared."""
+    lite = _job("bottle", 0.99, model="patchcore", size=224, steps=0)
+    lite.config["model"] = {"backbone": "efficientnet_lite0"}
+    lines = table_md(metric_table([lite], "pixel_auroc", "t"))
+    why = "efficientnet_lite0 backbone, the paper's wide_resnet50_2"
+    assert f"| bottle | 0.990 | 0.985 | not comparable: {why} | completed |" in lines
+    assert any(line.startswith("- patchcore: the published values are context only") for line in lines)
+    same = _job("bottle", 0.99, model="patchcore", size=224, steps=0)
+    same.config["model"] = {"backbone": "wide_resnet50_2"}
+    lines = table_md(metric_table([same], "pixel_auroc", "t"))
+    assert "| bottle | 0.990 | 0.985 | +0.005 | completed |" in lines
+
+
 def test_captions_state_n_and_say_single_run():
     one = table_md(metric_table([_job("bottle", 0.8), _job("pill", 0.7)], "pixel_auroc", "t"))
     assert "- single run (n = 1) per model and category: no standard deviation" in one
