@@ -29,6 +29,12 @@ WARNING_FILTERS: tuple[tuple[str, type[Warning], str], ...] = (
         "per-epoch logs the warning is about are not used",
     ),
     (
+        r"Found \d+ module\(s\) in eval mode at the start of training",
+        UserWarning,
+        "the feature EBM's pretrained backbone is frozen in eval mode on purpose (ImageNet batch-norm statistics); "
+        "only its small energy head trains",
+    ),
+    (
         r"No (positive|negative) samples in targets",
         UserWarning,
         "a test set without defects (or without defect pixels): ebmad reports its false-alarm rate instead of an "

@@ -255,10 +255,10 @@ def evaluate_test_set(cfg: DictConfig, model: AnomalyModule, dm: DataModule, tra
 
 
 def use_untrained_reference(cfg: DictConfig, model: AnomalyModule) -> bool:
-    """``eval.untrained_reference``: true, false or auto (= EBM runs)."""
+    """``eval.untrained_reference``: true, false or auto (= the EBMs: pixel EBM and feature EBM runs)."""
     setting = OmegaConf.select(cfg, "eval.untrained_reference", default="auto")
     if setting == "auto":
-        return model.MODEL_TYPE == "ebm"
+        return model.MODEL_TYPE in ("ebm", "feature_ebm")
     return bool(setting)
 
 

@@ -1,4 +1,4 @@
-"""The anomaly-detection methods ebmad runs, by name (``model=ebm|draem|ssae|patchcore|padim``)."""
+"""The anomaly-detection methods ebmad runs, by name (``model=ebm|draem|ssae|patchcore|padim|feature_ebm``)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ MODEL_CLASSES = {
     "ssae": "ebmad.models.ssae.SSAEModule",
     "patchcore": "ebmad.models.patchcore.PatchCoreModule",
     "padim": "ebmad.models.padim.PadimModule",
+    "feature_ebm": "ebmad.models.feature_ebm.FeatureEBMModule",
 }
 
 

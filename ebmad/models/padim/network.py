@@ -46,6 +46,12 @@ class GaussianSums:
         return mean.float(), torch.linalg.inv(cov).float()
 
 
+def squared_mahalanobis(emb: torch.Tensor, mean: torch.Tensor, inv_cov: torch.Tensor) -> torch.Tensor:
+    """Squared Mahalanobis distances (B, P) of embeddings (B, P, d) to per-position Gaussians (P, d), (P, d, d)."""
+    delta = emb - mean
+    return torch.einsum("bpi,pij,bpj->bp", delta, inv_cov, delta)
+
+
 class Padim(nn.Module):
     """Images (B, C, S, S) in [-1, 1] -> (smoothed Mahalanobis map (B, S, S), its maximum (B,)).
 
@@ -83,10 +89,10 @@ class Padim(nn.Module):
     def distances(self, emb: torch.Tensor, mean: torch.Tensor | None = None,
                   inv_cov: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """Mahalanobis distance (B, P) of each embedding to its position's Gaussian (the fitted one by default)."""
-        mean = self.mean if mean is None else mean
-        inv_cov = self.inv_cov if inv_cov is None else inv_cov
-        delta = emb - mean
-        return torch.einsum("bpi,pij,bpj->bp", delta, inv_cov, delta).clamp_min(0).sqrt()
+        sq = squared_mahalanobis(
+            emb, self.mean if mean is None else mean, self.inv_cov if inv_cov is None else inv_cov
+        )
+        return sq.clamp_min(0).sqrt()
 
     def maps(self, dist: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(upsampled distance map, smoothed map), each (B, S, S)."""

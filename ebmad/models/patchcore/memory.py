@@ -43,7 +43,8 @@ def nearest(
             d = d.masked_fill(owner[:, None] == bank_owner[None], math.inf)
         i = torch.topk(d, k, dim=1, largest=False).indices
         # the chosen rows' distances again, directly: the expansion above loses digits for close pairs
-        return (q[:, None, :] - bank[i]).pow(2).sum(-1).sqrt(), i
+        # clamp: no infinite gradient at a zero distance (a training patch that is itself in the bank)
+        return (q[:, None, :] - bank[i]).pow(2).sum(-1).clamp_min(1e-12).sqrt(), i
 
     if torch.jit.is_tracing():  # ONNX export: no Python loop over the batch, so any batch size holds
         return chunk(queries, query_owner)
