@@ -42,8 +42,12 @@ def test_thresholds_come_from_held_out_good_images_and_travel_with_the_checkpoin
     good = dm.val_data["image"][dm.val_data["label"] == 0]
     assert len(good) == 4
     scores, _ = model.score(good)
-    expected = np.quantile(scores[model.DEFAULT_IMAGE_SCORE].double().numpy(), 0.99)
-    assert float(model.image_threshold) == np.float32(expected)
+    # 4 images cannot estimate a 1 % false-alarm rate (thresholds.false_alarm_rate): the strictest threshold
+    # they support is their maximum, and the result says so
+    expected = scores[model.DEFAULT_IMAGE_SCORE].max()
+    assert float(model.image_threshold) == float(expected)
+    fit = res["thresholds"]["image_fit"]
+    assert fit["n"] == 4 and fit["k"] == 1 and fit["enough"] is False and "too few" in fit["note"]
     for key in ("image_precision@thr", "image_recall@thr", "pixel_f1@thr"):
         assert 0.0 <= res["metrics"][key] <= 1.0
 

@@ -33,7 +33,8 @@ def test_every_recipe_selects_its_model(recipe):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"recipe={recipe}"])
-    assert cfg.model._target_ == MODEL_CLASSES[recipe.split("_")[0]]
+    model = next(m for m in sorted(MODEL_CLASSES, key=len, reverse=True) if recipe.startswith(m + "_"))
+    assert cfg.model._target_ == MODEL_CLASSES[model]
     assert cfg.model.image_size == cfg.data.image_size
 
 
