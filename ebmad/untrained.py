@@ -28,7 +28,9 @@ def untrained_reference(model: AnomalyModule, train: dict[str, torch.Tensor], te
                         batch_size: int, device: torch.device) -> dict[str, Any]:  # fmt: skip
     """Metrics of the initial-weights model on the test set (statistics fitted on all training images)."""
     ref = initial_model(model).to(device)
+    ref.adopt_fixed_parts(model)
     ref.eval()
     with torch.no_grad():
         ref.fit_statistics(DeviceBatchLoader({"image": train["image"]}, batch_size))
     return ref.evaluate(DeviceBatchLoader(test, batch_size))
+

@@ -165,3 +165,12 @@ def test_resume_mid_training_is_exact(febm_cfg, tmp_path):
     b = ckpt_state(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
     assert a["global_step"] == b["global_step"] == 4
     assert_same_training_state(a, b)
+
+
+def test_onnx_export_of_the_energy_map_equals_torch(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from ebmad.export import export_onnx, verify_onnx
+
+    model = fitted(prior="knn", gradient_maps=False)
+    export_onnx(model, tmp_path / "m.onnx")
+    assert verify_onnx(model, tmp_path / "m.onnx", batch=3) < 1e-3

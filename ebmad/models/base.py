@@ -157,6 +157,10 @@ class AnomalyModule(pl.LightningModule):
         """Whether :meth:`score` can run (fitted statistics present)."""
         return True
 
+    def adopt_fixed_parts(self, trained: AnomalyModule) -> None:
+        """Take from ``trained`` (same class and settings) what training never changes and fitting would only
+        recompute identically (a fitted prior): the untrained reference then need not refit it. Default: nothing."""
+
     def training_anomaly_kinds(self) -> tuple[str, ...]:
         """The validation anomaly kinds (:data:`ebmad.synthesis.KINDS`) this model's training also draws:
         validating it on them favours it. The model family's entry there; a model whose options decide

@@ -45,7 +45,8 @@ class FeatureEBMModule(PretrainedFeatureModule):
 
     Image scores: ``E_max`` (max patch energy; default), ``E_lse`` (log-sum-exp of the patch energies),
     and with ``gradient_maps`` the paper's ``energy`` (total), ``A_raw_l1`` .. ``A_std_l2``. Pixel maps:
-    ``e_map`` (patch energies upsampled and smoothed; default), ``a_raw_l1`` .. ``a_std_l2``.
+    ``e_map`` (patch energies upsampled and smoothed; default), ``a_raw_l1`` .. ``a_std_l2``. The headline
+    pair is ``default_image_score`` / ``default_pixel_map`` (scoring options: a checkpoint can be re-scored).
     """
 
     MODEL_TYPE = "feature_ebm"
@@ -83,6 +84,8 @@ class FeatureEBMModule(PretrainedFeatureModule):
         weight_decay: float = 0.0,
         smooth_sigma: float = 4.0,
         gradient_maps: bool = True,
+        default_image_score: str = "E_max",
+        default_pixel_map: str = "e_map",
         pixel_auroc_thresholds: int | None = None,
         n_examples: int = 8,
         seed: int = 0,
@@ -110,6 +113,11 @@ class FeatureEBMModule(PretrainedFeatureModule):
         self.train_diagnostics: dict[str, torch.Tensor] = {}
         if not gradient_maps:
             self.IMAGE_SCORES, self.PIXEL_MAPS = self.IMAGE_SCORES[:2], self.PIXEL_MAPS[:1]
+        check(default_image_score in self.IMAGE_SCORES,
+              f"model.default_image_score must be one of {self.IMAGE_SCORES}, got {default_image_score!r}")  # fmt: skip
+        check(default_pixel_map in self.PIXEL_MAPS,
+              f"model.default_pixel_map must be one of {self.PIXEL_MAPS}, got {default_pixel_map!r}")  # fmt: skip
+        self.DEFAULT_IMAGE_SCORE, self.DEFAULT_PIXEL_MAP = default_image_score, default_pixel_map
         self._init_base()
 
     DEFAULT_IMAGE_SCORE = "E_max"
@@ -162,6 +170,14 @@ class FeatureEBMModule(PretrainedFeatureModule):
             net.prior_inv_cov.copy_(inv_cov)
         self.prior_fitted.fill_(True)
         log.info("feature EBM prior %s fitted on %d patch features", hp.prior, len(feats))
+
+    def adopt_fixed_parts(self, trained: FeatureEBMModule) -> None:
+        """The trained model's prior and channel statistics (fitted before training, never trained)."""
+        if bool(trained.prior_fitted):
+            self.net.memory_bank = trained.net.memory_bank.clone()
+            for name in ("feat_mean", "feat_std", "center", "prior_mean", "prior_inv_cov"):
+                getattr(self.net, name).copy_(getattr(trained.net, name))
+            self.prior_fitted.fill_(True)
 
     def on_fit_start(self) -> None:
         if not bool(self.prior_fitted):  # a resumed run has it from the checkpoint
