@@ -184,13 +184,11 @@ def main() -> int:
     if a.summary:
         return summary()
     torch.set_num_threads(a.threads)
-    root = Path(a.root).resolve()
-    missing = [c for c in a.categories if not (root / c / "train" / "good").is_dir()]
+    a.root = str(Path(a.root).resolve())
+    missing = [c for c in a.categories if not (Path(a.root) / c / "train" / "good").is_dir()]
     if missing:
-        print(f"MVTec AD data not found: {', '.join(str(root / c / 'train' / 'good') for c in missing)}; "
-              "pass --root <folder holding the category folders>", file=sys.stderr)  # fmt: skip
+        print(f"MVTec AD categories not found under {a.root}: {missing}; pass --root", file=sys.stderr)
         return 2
-    a.root = str(root)
     first, rest = a.seeds[0], a.seeds[1:]
     stds = list(a.stds)
     for category in a.categories:
