@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ebmad import quiet
 from ebmad.report_jobs import (
     PUBLISHED,
     PUBLISHED_CSV,
@@ -568,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="which files to write (default: all)")  # fmt: skip
     ap.add_argument("--no-wandb", action="store_true", help="do not log the summary to W&B")
     a = ap.parse_args(argv)
+    quiet.install()  # library warnings that do not apply (ebmad.quiet)
     paths = write_reports(a.sweep_dir, a.out, a.categories, a.formats, wandb=not a.no_wandb)
     if "md" in paths:
         print(paths["md"].read_text())
