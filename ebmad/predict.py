@@ -1,7 +1,7 @@
 """Score new images with a trained model: ``python -m ebmad.predict ckpt_path=... input=... output=...``.
 
 Console script ``ebmad-predict``. ``input`` is a folder (its images), a glob or one file; any model type's
-checkpoint works (``backend=torch``), or an ONNX model from :mod:`ebmad.export` (``backend=onnx``). For
+checkpoint works (``backend=torch``), or an ONNX model from :mod:`ebmad.export` (``backend=onnx``). The drawing is in :mod:`ebmad.deploy.overlays`. For
 every image it writes ``overlays/<name>.png`` (the anomaly map over the image at its original resolution,
 colours fixed to [0, 2 * pixel_threshold], and below it a legend: the colour bar with the pixel threshold
 marked, the image score against the image threshold with the decision, the defect area), and
@@ -16,7 +16,7 @@ status is then 1.
 Thresholds: the image threshold is the command line's ``image_threshold``, else a calibrated one from the
 thresholds file beside the model (``<model file>.threshold.json``, or ``thresholds_file=``), else the
 label-free one stored with the model; each row, the summary and the legend say which, with its expected
-false-alarm rate and bound (:mod:`ebmad.calibration`). ``calibrate=<folder with good/ and defective/ | CSV>``
+false-alarm rate and bound (:mod:`ebmad.deploy.calibration`). ``calibrate=<folder with good/ and defective/ | CSV>``
 first scores those labelled shots, picks the image threshold for ``calibrate_goal`` (``recall>=R``,
 ``false_alarm<=F`` or ``f1``), prints their confusion matrix and writes the thresholds file; without
 ``input`` it stops there.
@@ -39,15 +39,14 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import matplotlib
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from tqdm import tqdm
 
-from ebmad.calibration import (
+from ebmad.data.io import IMAGE_SUFFIXES, DatasetError, list_images, load_image, open_image
+from ebmad.deploy.calibration import (
     calibration_record,
     describe,
     estimate_for,
@@ -57,13 +56,12 @@ from ebmad.calibration import (
     thresholds_file_for,
     write_thresholds_file,
 )
-from ebmad.cli import USER_ERRORS, front_door, full_traceback, report_error
-from ebmad.data.io import IMAGE_SUFFIXES, DatasetError, list_images, load_image, open_image
-from ebmad.export import INPUT_NAME, OUTPUT_NAMES, load_module, onnx_session
+from ebmad.deploy.onnx import INPUT_NAME, OUTPUT_NAMES, load_module, onnx_session
+from ebmad.deploy.overlays import display_rgb, legend, overlay, upsample
+from ebmad.run.cli import USER_ERRORS, front_door, full_traceback, report_error
+from ebmad.run.metadata import device_info
 from ebmad.train import CONF_DIR
-from ebmad.utils import device_info
 
-WIDE_GRAY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit; Pillow's convert would clip at 255
 # decision: score >= image_threshold (the image-level rule); defect_area_px: pixels whose map value is >=
 # pixel_threshold (the pixel-level rule). The two thresholds are fitted separately on defect-free images, so
 # a "good" image can still have a few pixels above the pixel threshold: both rules are in every row.
@@ -94,18 +92,6 @@ def find_images(spec: str) -> list[Path]:
         raise FileNotFoundError(f"input={spec} matched no image ({', '.join(IMAGE_SUFFIXES)}); sub-folders are "
                                 "not searched, use a glob such as 'dir/**/*.png'")  # fmt: skip
     return files
-
-
-def display_rgb(img: Image.Image) -> np.ndarray:
-    """The image as 8-bit RGB (H, W, 3) for the overlay; 16-bit and float images scaled, not clipped."""
-    if img.mode in WIDE_GRAY_MODES:
-        arr = np.asarray(img, dtype=np.float64) / 257.0
-    elif img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64) * 255.0
-    else:
-        return np.asarray(img.convert("RGB"))
-    gray = np.clip(np.round(arr), 0, 255).astype(np.uint8)
-    return np.repeat(gray[..., None], 3, axis=2)
 
 
 def check_pixels(path: Path, max_pixels: int) -> None:
@@ -143,83 +129,6 @@ def output_names(paths: list[Path]) -> list[Path]:
     stems = Counter(r.with_suffix("") for r in rel)
     return [r.with_suffix("") if stems[r.with_suffix("")] == 1 else r.with_name(r.name.replace(".", "_"))
             for r in rel]  # fmt: skip
-
-
-# ---------------------------------------------------------------------------- outputs
-def heat_colors(amap: np.ndarray, pixel_threshold: float) -> np.ndarray:
-    """RGB uint8 colours of map values on a fixed scale [0, 2 * pixel_threshold] (threshold = mid colour)."""
-    t = np.clip(amap / (2.0 * pixel_threshold), 0.0, 1.0)
-    return (matplotlib.colormaps["jet"](t)[..., :3] * 255).round().astype(np.uint8)
-
-
-def overlay(rgb: np.ndarray, amap: np.ndarray, pixel_threshold: float, alpha: float) -> Image.Image:
-    """The map's colours blended over the image (both at the image's resolution)."""
-    heat = heat_colors(amap, pixel_threshold).astype(np.float32)
-    mixed = (1 - alpha) * rgb.astype(np.float32) + alpha * heat
-    return Image.fromarray(mixed.round().astype(np.uint8))
-
-
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: one bitmap size
-        return ImageFont.load_default()
-
-
-def legend(image: Image.Image, score: float, image_thr: float, area: int, pixel_thr: float,
-           source: str = "") -> Image.Image:  # fmt: skip
-    """The overlay with a strip below it: the colour bar (0 .. 2 x pixel threshold, the threshold marked),
-    the image score against its threshold with the decision, the defect area against the pixel threshold,
-    and where the image threshold comes from (``source``)."""
-    width = max(image.width, 420)
-    unit = max(1, round(width / 420))
-    bar_h, pad, text = 14 * unit, 6 * unit, 13 * unit
-    font = _font(text)
-    source_lines = wrap(f"image threshold: {source}", font, width - 2 * pad) if source else []
-    strip_h = bar_h + (4 + len(source_lines)) * text + (6 + len(source_lines)) * pad
-    panel = Image.new("RGB", (width, image.height + strip_h), (255, 255, 255))
-    panel.paste(image, (0, 0))
-    draw = ImageDraw.Draw(panel)
-    x0, x1, y = pad, width - pad, image.height + pad
-    ramp = np.linspace(0.0, 2.0 * pixel_thr, max(2, x1 - x0))[None, :].repeat(bar_h, axis=0)
-    panel.paste(Image.fromarray(heat_colors(ramp, pixel_thr)), (x0, y))
-    mid = (x0 + x1) // 2
-    draw.line([(mid, y - 2), (mid, y + bar_h + 2)], fill=(0, 0, 0), width=max(1, unit))
-    y += bar_h + 2
-    draw.text((x0, y), "0", fill=(0, 0, 0), font=font)
-    draw.text((mid, y), f"{pixel_thr:.4g} (pixel threshold)", fill=(0, 0, 0), font=font, anchor="ma")
-    draw.text((x1, y), f"{2 * pixel_thr:.4g}", fill=(0, 0, 0), font=font, anchor="ra")
-    decision = "DEFECTIVE" if score >= image_thr else "good"
-    colour = (200, 0, 0) if decision == "DEFECTIVE" else (0, 120, 0)
-    y += text + pad
-    draw.text((x0, y), f"image score {score:.4g} {'>=' if score >= image_thr else '<'} image threshold "
-                       f"{image_thr:.4g}: {decision}", fill=colour, font=font)  # fmt: skip
-    y += text + pad
-    draw.text(
-        (x0, y), f"defect area {area} px (map >= pixel threshold {pixel_thr:.4g})", fill=(0, 0, 0), font=font
-    )
-    for line in source_lines:
-        y += text + pad
-        draw.text((x0, y), line, fill=(0, 0, 0), font=font)
-    return panel
-
-
-def wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int) -> list[str]:
-    """``text`` broken at spaces into lines no wider than ``width`` pixels (a longer word stays whole)."""
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    lines: list[str] = []
-    for word in text.split():
-        if lines and measure.textlength(f"{lines[-1]} {word}", font=font) <= width:
-            lines[-1] = f"{lines[-1]} {word}"
-        else:
-            lines.append(word)
-    return lines
-
-
-def upsample(amap: torch.Tensor, width: int, height: int) -> np.ndarray:
-    """A (S, S) map resized bilinearly to (height, width)."""
-    return F.interpolate(amap[None, None].float(), size=(height, width), mode="bilinear",
-                         align_corners=False)[0, 0].cpu().numpy()  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- scorers

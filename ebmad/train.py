@@ -2,8 +2,8 @@
 
 The run's story: build the data and the model, fit (then the scoring statistics and thresholds), test,
 validate without labels, evaluate and write. Job bookkeeping (skip/resume, status records) is in
-:mod:`ebmad.jobs`, building from the config in :mod:`ebmad.builders`, evaluation-only loading in
-:mod:`ebmad.restore`, outputs in :mod:`ebmad.outputs`, checkpoint files in :mod:`ebmad.checkpointing`.
+:mod:`ebmad.run.jobs`, building from the config in :mod:`ebmad.run.builders`, evaluation-only loading in
+:mod:`ebmad.run.restore`, outputs in :mod:`ebmad.run.outputs`, checkpoint files in :mod:`ebmad.reliability.checkpointing`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
-from ebmad import quiet
-from ebmad.builders import (
+from ebmad.data import false_alarm_summary
+from ebmad.evaluation.examples import write_run_examples
+from ebmad.evaluation.protocol import run_figures, test_set_metrics
+from ebmad.models import AnomalyModule
+from ebmad.reliability.checkpointing import AtomicCheckpointIO, checkpoint_step, save_module_checkpoint
+from ebmad.reliability.distributed import isolated_job, patch_lightning_hydra_launcher
+from ebmad.reliability.guards import NonFiniteError, TrainingDiverged, diverged_after_training
+from ebmad.run import quiet
+from ebmad.run.builders import (
     DataModule,
     build_callbacks,
     build_datamodule,
@@ -33,22 +40,15 @@ from ebmad.builders import (
     config_model_type,
     instantiate,
 )
-from ebmad.callbacks import StatisticsCallback, preemption_signal
-from ebmad.checkpointing import AtomicCheckpointIO, checkpoint_step, save_module_checkpoint
-from ebmad.cli import USER_ERRORS, front_door, full_traceback, report_error
-from ebmad.data import false_alarm_summary
-from ebmad.distributed import isolated_job, patch_lightning_hydra_launcher
-from ebmad.evaluation.examples import write_run_examples
-from ebmad.evaluation.protocol import run_figures, test_set_metrics
-from ebmad.guards import NonFiniteError, TrainingDiverged, diverged_after_training
-from ebmad.jobs import Preempted, in_multirun, job_overrides, prepare_job, record_failure, write_status
-from ebmad.models import AnomalyModule
-from ebmad.outputs import result_line, write_outputs
-from ebmad.restore import adopt_checkpoint_settings, load_for_test
-from ebmad.selection import ValidationCheckpoint, per_kind_scores, score_validation
+from ebmad.run.callbacks import StatisticsCallback, preemption_signal
+from ebmad.run.cli import USER_ERRORS, front_door, full_traceback, report_error
+from ebmad.run.jobs import Preempted, in_multirun, job_overrides, prepare_job, record_failure, write_status
+from ebmad.run.metadata import PROJECT_ROOT
+from ebmad.run.outputs import result_line, write_outputs
+from ebmad.run.restore import adopt_checkpoint_settings, load_for_test
+from ebmad.run.selection import ValidationCheckpoint, per_kind_scores, score_validation
+from ebmad.run.untrained import untrained_reference
 from ebmad.synthesis import describe
-from ebmad.untrained import untrained_reference
-from ebmad.utils import PROJECT_ROOT
 
 log = logging.getLogger("ebmad")
 CONF_DIR = PROJECT_ROOT / "conf"
@@ -190,7 +190,7 @@ def selected_checkpoint(trainer: pl.Trainer, cfg: DictConfig) -> tuple[dict[str,
 def validate(model: AnomalyModule, dm: DataModule, loggers: list[Any], step: int) -> dict[str, float]:
     """The label-free validation: held-out defect-free images and the same with synthetic anomalies.
 
-    Every score/map's AUROC, ``validation/score`` (the selection score, :mod:`ebmad.selection`) and, with
+    Every score/map's AUROC, ``validation/score`` (the selection score, :mod:`ebmad.run.selection`) and, with
     several anomaly kinds or strengths, ``validation/<kind>[@<strength>]/score``.
     """
     validation = score_validation(model, dm.validation_dataloader())
@@ -302,7 +302,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> float | None:
     """``python -m ebmad.train`` / ``ebmad-train``: settings checked first (did you mean ...), then Hydra."""
-    quiet.install()  # library warnings that do not apply (ebmad.quiet)
+    quiet.install()  # library warnings that do not apply (ebmad.run.quiet)
     front_door(sys.argv[1:], CONF_DIR, "train")
     return hydra_main()
 

@@ -47,7 +47,7 @@ def measure(args: argparse.Namespace) -> dict:
     from PIL import Image
 
     from ebmad.data import AnomalyDataModule
-    from ebmad.utils import device_info
+    from ebmad.run.metadata import device_info
 
     base_kb = peak_rss_kb()
     dm = AnomalyDataModule(root=args.root, category=args.category, layout=args.layout, image_size=args.image_size,

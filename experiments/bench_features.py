@@ -46,8 +46,8 @@ from typing import Any
 
 from bench_models import device_line  # experiments/ is sys.path[0] when this script runs
 
-from ebmad.checkpointing import load_checkpoint_file
-from ebmad.utils import append_csv_rows
+from ebmad.reliability.checkpointing import load_checkpoint_file
+from ebmad.run.metadata import append_csv_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results"

@@ -37,7 +37,7 @@ from omegaconf import DictConfig, open_dict
 import ebmad.train as train_mod
 from ebmad.models.ebm.network import EnergyNet
 from ebmad.models.ebm.sgld import frozen, sgld_sample, uniform_init
-from ebmad.utils import cpu_name, git_commit
+from ebmad.run.metadata import cpu_name, git_commit
 
 ROOT = Path(__file__).resolve().parent.parent
 CSV = ROOT / "experiments" / "results" / "bench_overhead.csv"

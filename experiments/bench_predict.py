@@ -25,11 +25,11 @@ import onnxruntime
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from ebmad.checkpointing import load_checkpoint_file
 from ebmad.export import export
 from ebmad.predict import predict
+from ebmad.reliability.checkpointing import load_checkpoint_file
+from ebmad.run.metadata import device_info, git_commit
 from ebmad.train import CONF_DIR
-from ebmad.utils import device_info, git_commit
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -49,7 +49,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ebmad.utils import append_csv_rows, cpu_name
+from ebmad.run.metadata import append_csv_rows, cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 CSV_PATH = ROOT / "experiments" / "results" / "fidelity_study.csv"

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ebmad.utils import append_csv_rows
+from ebmad.run.metadata import append_csv_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study_fidelity import _run, device_line  # noqa: E402

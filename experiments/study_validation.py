@@ -57,12 +57,12 @@ from typing import Any
 import torch
 from scipy.stats import rankdata, spearmanr
 
-from ebmad.checkpointing import load_module_checkpoint, validate_checkpoint
 from ebmad.data import AnomalyDataModule
-from ebmad.metrics import PixelAUROC, image_auroc
+from ebmad.evaluation.metrics import PixelAUROC, image_auroc
 from ebmad.models import model_class
+from ebmad.reliability.checkpointing import load_module_checkpoint, validate_checkpoint
+from ebmad.run.metadata import append_csv_rows
 from ebmad.synthesis import neutral_kinds, validation_anomalies
-from ebmad.utils import append_csv_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study_fidelity import RECIPES, SCORING, _run, device_line  # noqa: E402
@@ -184,7 +184,7 @@ def per_kind_aurocs(model: Any, good: torch.Tensor, kinds: dict[str, tuple[torch
     """Per kind: every score's and map's AUROC, the ``good`` images against that kind's (images, masks) only;
     per union (name: kinds), the good images against all those kinds' images in one set.
 
-    (``ebmad.selection.per_kind_scores`` gives only the headline score's mean of image and pixel AUROC.)
+    (``ebmad.run.selection.per_kind_scores`` gives only the headline score's mean of image and pixel AUROC.)
     """
     names = list(kinds)
     images = torch.cat([good, *(kinds[k][0] for k in names)])

@@ -14,11 +14,12 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
-from ebmad.calibration import thresholds_file_for
 from ebmad.data.io import list_images, load_image
+from ebmad.deploy.calibration import thresholds_file_for
+from ebmad.deploy.onnx import load_module
+from ebmad.deploy.overlays import _font, legend, wrap
 from ebmad.evaluation.thresholds import calibrate_threshold, false_alarm_estimate
-from ebmad.export import load_module
-from ebmad.predict import _font, legend, predict, wrap
+from ebmad.predict import predict
 from ebmad.train import CONF_DIR, run
 
 from conftest import compose_cfg, tiny_overrides

@@ -10,9 +10,9 @@ import re
 import pytest
 import torch
 
-from ebmad.checkpointing import validate_checkpoint
-from ebmad.guards import DEFAULT_HINT, TrainingDiverged
 from ebmad.models import model_class
+from ebmad.reliability.checkpointing import validate_checkpoint
+from ebmad.reliability.guards import DEFAULT_HINT, TrainingDiverged
 from ebmad.train import run
 
 from conftest import compose_cfg

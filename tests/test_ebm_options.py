@@ -681,7 +681,7 @@ def test_apply_spectral_norm_wraps_every_conv_of_the_body():
 def test_onnx_export_of_the_options_defaults_matches_score_at_batch_1_and_5(tmp_path, spectral_norm):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
-    from ebmad.export import export_onnx, verify_onnx
+    from ebmad.deploy.onnx import export_onnx, verify_onnx
 
     model = fitted(small(input_norm="instance", score_noise_samples=2, score_noise_std=0.05, map_sigmas=[0, 1, 2],
                          default_image_score="A_ms_max", default_pixel_map="a_ms", ema_decay=0.9,

@@ -131,7 +131,8 @@ def test_stats_gains_fit_the_statistics_over_brightness_changed_copies():
 
 
 def test_report_compares_the_headline_with_the_same_score_of_the_untrained_reference():
-    from ebmad.report import Job, _untrained_table, _variant_table
+    from ebmad.report import Job
+    from ebmad.reporting.tables import _untrained_table, _variant_table
 
     job = Job(None, "bottle", "s", "completed", metrics={"image_auroc/A_ms_max": 0.9, "pixel_auroc/a_ms": 0.8},
               headline={"image_auroc": 0.9, "pixel_auroc": 0.8, "aupro": 0.5},

@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from ebmad.data import MVTecDataModule
+from ebmad.evaluation.metrics import image_auroc
 from ebmad.evaluation.thresholds import three_sigma_threshold
-from ebmad.metrics import image_auroc
 from ebmad.models.ebm import EBMModule
 from ebmad.train import run
 

@@ -11,7 +11,8 @@ from hydra.core.global_hydra import GlobalHydra
 from torch import nn
 
 from ebmad.data.io import load_image
-from ebmad.export import export, load_module, onnx_session
+from ebmad.deploy.onnx import load_module, onnx_session
+from ebmad.export import export
 from ebmad.models import model_class
 from ebmad.models.ebm.export import EBMScorer
 from ebmad.models.ebm.network import EnergyNet

@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from ebmad.checkpointing import load_module_checkpoint, save_module_checkpoint
 from ebmad.data.loader import DeviceBatchLoader
 from ebmad.models.backbones import Backbone, ImageNetClassifier, PatchFeatures, packaged_weights
 from ebmad.models.padim import PadimModule
 from ebmad.models.padim.network import GaussianSums
 from ebmad.models.patchcore import PatchCoreModule
 from ebmad.models.patchcore.memory import greedy_coreset, nearest
+from ebmad.reliability.checkpointing import load_module_checkpoint, save_module_checkpoint
 from ebmad.train import run
 
 from conftest import read_scores
@@ -221,7 +221,7 @@ def test_own_backbone_weights_travel_in_the_checkpoint(tmp_path):
 @pytest.mark.parametrize("kind", sorted(MODELS))
 def test_onnx_export_equals_torch(kind, tmp_path):
     pytest.importorskip("onnxruntime")
-    from ebmad.export import export_onnx, verify_onnx
+    from ebmad.deploy.onnx import export_onnx, verify_onnx
 
     model = MODELS[kind]().eval()
     model.fit_statistics(loader(tiny_images(4)))

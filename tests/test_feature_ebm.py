@@ -169,7 +169,7 @@ def test_resume_mid_training_is_exact(febm_cfg, tmp_path):
 
 def test_onnx_export_of_the_energy_map_equals_torch(tmp_path):
     pytest.importorskip("onnxruntime")
-    from ebmad.export import export_onnx, verify_onnx
+    from ebmad.deploy.onnx import export_onnx, verify_onnx
 
     model = fitted(prior="knn", gradient_maps=False)
     export_onnx(model, tmp_path / "m.onnx")

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from ebmad.checkpointing import CheckpointError
-from ebmad.cli import UnknownSetting, check_overrides, front_door
+from ebmad.reliability.checkpointing import CheckpointError
+from ebmad.run.cli import UnknownSetting, check_overrides, front_door
 from ebmad.train import CONF_DIR, run
 
 from conftest import REPO, compose_cfg, tiny_overrides

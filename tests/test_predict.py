@@ -17,8 +17,9 @@ from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
 from ebmad.data.io import load_image
+from ebmad.deploy.overlays import display_rgb, heat_colors
 from ebmad.models.ebm import EBMModule
-from ebmad.predict import display_rgb, heat_colors, output_names, predict
+from ebmad.predict import output_names, predict
 from ebmad.train import CONF_DIR, run
 
 from conftest import REPO, compose_cfg, tiny_overrides

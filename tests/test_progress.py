@@ -1,5 +1,5 @@
 """Progress when not on a terminal: a line every ``callbacks.progress.every_s`` seconds with the step, steps/s
-and the time left, no progress-bar debris; sweeps run seed-major (:mod:`ebmad.progress`, :mod:`ebmad.jobs`)."""
+and the time left, no progress-bar debris; sweeps run seed-major (:mod:`ebmad.run.progress`, :mod:`ebmad.run.jobs`)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from ebmad.jobs import seed_major
-from ebmad.progress import ProgressLog, duration
+from ebmad.run.jobs import seed_major
+from ebmad.run.progress import ProgressLog, duration
 
 from conftest import REPO, tiny_overrides
 

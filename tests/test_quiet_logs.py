@@ -1,5 +1,5 @@
 """A first run is quiet: the demo's settings and a folder run, piped as in a log file, print no library warning
-(:mod:`ebmad.quiet`) and no progress-bar debris; ebmad's own lines (thresholds, RESULT) stay."""
+(:mod:`ebmad.run.quiet`) and no progress-bar debris; ebmad's own lines (thresholds, RESULT) stay."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import warnings
 
 from ebmad.data.synthetic import generate_category
-from ebmad.quiet import LOG_FILTERS, WARNING_FILTERS, install
+from ebmad.run.quiet import LOG_FILTERS, WARNING_FILTERS, install
 
 from conftest import REPO, SMALL
 

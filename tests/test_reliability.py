@@ -16,14 +16,20 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ebmad.checkpointing import (
+from ebmad.reliability.checkpointing import (
     AtomicCheckpointIO,
     CheckpointError,
     atomic_torch_save,
     pick_resume_checkpoint,
     validate_checkpoint,
 )
-from ebmad.guards import NonFiniteError, NonFiniteGuard, TrainingDiverged, check_finite_scores, report_values
+from ebmad.reliability.guards import (
+    NonFiniteError,
+    NonFiniteGuard,
+    TrainingDiverged,
+    check_finite_scores,
+    report_values,
+)
 from ebmad.train import run
 
 from conftest import REPO, compose_cfg, tiny_overrides
@@ -58,7 +64,7 @@ def test_atomic_save_leaves_the_old_file_when_the_write_fails(tmp_path, monkeypa
 
 KILLED_WRITER = """
 import sys, torch
-from ebmad.checkpointing import atomic_torch_save
+from ebmad.reliability.checkpointing import atomic_torch_save
 path = sys.argv[1]
 big = {"a": torch.zeros(2_000_000), "tag": "A"}, {"a": torch.ones(2_000_000), "tag": "B"}
 i = 0
@@ -188,7 +194,7 @@ def test_pick_resume_sets_a_damaged_last_ckpt_aside(tmp_path, real_ckpt, caplog)
     newer_bad = folder / "epoch=0-step=4.ckpt"
     newer_bad.write_bytes(b"")
     truncated_copy(real_ckpt, folder / "last.ckpt")
-    with caplog.at_level(logging.WARNING, logger="ebmad.checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="ebmad.reliability.checkpointing"):
         assert pick_resume_checkpoint(folder, "ebm", image_size=32) == older
     names = sorted(p.name for p in folder.iterdir())
     assert "last.ckpt" not in names and "epoch=0-step=4.ckpt" not in names

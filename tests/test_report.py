@@ -22,8 +22,9 @@ from PIL import Image
 from test_hydra import cli
 
 from ebmad.evaluation.examples import load_examples, select_examples
-from ebmad.report import Job, metric_table, table_md, write_reports
-from ebmad.report_jobs import load_sweep
+from ebmad.report import Job, write_reports
+from ebmad.reporting.sweeps import load_sweep
+from ebmad.reporting.tables import metric_table, table_md
 
 from conftest import tiny_overrides
 
@@ -238,7 +239,8 @@ def _fake_job(sweep: Path, name: str, written: float) -> None:
 def test_the_header_names_every_invocation_that_ran_jobs(tmp_path):
     from omegaconf import OmegaConf
 
-    from ebmad.report import SweepSummary, header_lines
+    from ebmad.report import SweepSummary
+    from ebmad.reporting.tables import header_lines
 
     sweep = tmp_path / "sweep"
     first = {"hydra": {"sweep": {"dir": str(sweep)}, "overrides": {"task": ["recipe=ebm_tiny,ssae_tiny"]}}}
@@ -370,7 +372,7 @@ def test_html_report_in_a_headless_browser(seed_sweep, tmp_path):
 
 # ----------------------------------------------------------------------------------------- W&B
 def test_summary_is_logged_to_wandb_offline_under_the_sweep_group(seed_sweep, tmp_path):
-    from ebmad.report_wandb import COLUMNS, log_summary, summary_rows
+    from ebmad.reporting.wandb_table import COLUMNS, log_summary, summary_rows
 
     from wandb_records import records, summary_and_config
 

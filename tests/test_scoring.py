@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ebmad.metrics import PixelAUROC, image_auroc
+from ebmad.evaluation.metrics import PixelAUROC, image_auroc
 from ebmad.models.ebm.scoring import MomentAccumulator, compute_scores, energy_and_grad
 
 

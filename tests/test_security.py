@@ -16,15 +16,15 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
-from ebmad.checkpointing import (
+from ebmad.export import export
+from ebmad.predict import predict
+from ebmad.reliability.checkpointing import (
     CheckpointError,
     UnsafeCheckpointError,
     load_checkpoint_file,
     pick_resume_checkpoint,
     validate_checkpoint,
 )
-from ebmad.export import export
-from ebmad.predict import predict
 from ebmad.report import main as report_main
 from ebmad.train import CONF_DIR, run
 

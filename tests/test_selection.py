@@ -1,4 +1,4 @@
-"""Checkpoint selection by the label-free validation score (ebmad/selection.py)."""
+"""Checkpoint selection by the label-free validation score (ebmad/run/selection.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from ebmad.models.base import AnomalyModule
-from ebmad.selection import SCORE_KEY, ValidationCheckpoint, per_kind_scores, preserved_rng, validation_score
+from ebmad.run.selection import (
+    SCORE_KEY,
+    ValidationCheckpoint,
+    per_kind_scores,
+    preserved_rng,
+    validation_score,
+)
 from ebmad.train import run
 
 from conftest import assert_same_training_state, ckpt_state
@@ -192,8 +198,8 @@ def test_the_optuna_objective_is_the_validation_score():
 
 
 def test_the_report_marks_a_model_validated_on_a_kind_it_trains_on():
-    from ebmad.report import validation_note
-    from ebmad.report_jobs import Job
+    from ebmad.reporting.sweeps import Job
+    from ebmad.reporting.tables import validation_note
 
     def jobs(model):
         return [Job(None, "tex_a", "default", "completed", model=model, validation={SCORE_KEY: 0.9})]

@@ -16,8 +16,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import ebmad.train
-from ebmad.guards import NonFiniteGuard, TrainingDiverged
-from ebmad.spikes import RobustZScore, SpikeGuard, robust_z
+from ebmad.reliability.guards import NonFiniteGuard, TrainingDiverged
+from ebmad.reliability.spikes import RobustZScore, SpikeGuard, robust_z
 from ebmad.train import run
 
 from conftest import assert_same_training_state, ckpt_state

@@ -5,8 +5,8 @@ import json
 import pytorch_lightning as pl
 import torch
 
+from ebmad.run.untrained import initial_model
 from ebmad.train import build_datamodule, build_model, run
-from ebmad.untrained import initial_model
 
 
 def test_initial_model_has_the_weights_training_started_from(make_cfg, tmp_path):

@@ -25,7 +25,7 @@ from PIL import Image
 from ebmad.data.datamodule import AnomalyDataModule, category_channels
 from ebmad.data.io import DatasetError, load_image, load_mask
 from ebmad.data.layout import DatasetIndex, Problems, build_index, categories, layout_options
-from ebmad.utils import PROJECT_ROOT
+from ebmad.run.metadata import PROJECT_ROOT
 
 CONF_DIR = PROJECT_ROOT / "conf"
 # the datamodule's own settings (the rest of data.* are layout options): from its signature, one source

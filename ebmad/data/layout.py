@@ -23,7 +23,7 @@ from types import ModuleType
 from typing import Any
 
 from ebmad.data.io import DatasetError, is_hidden
-from ebmad.utils import did_you_mean
+from ebmad.run.metadata import did_you_mean
 
 LAYOUTS = ("mvtec", "visa", "mvtec_ad2", "folder")
 MASK_RULES = ("half", "nonzero")

@@ -2,25 +2,69 @@
 
 Conventions: a higher score means more anomalous; at threshold t a sample is predicted anomalous when
 its score is >= t (the convention of precision-recall curves in sklearn/torchmetrics, so the F1 at the
-F1-max threshold reproduces F1-max). Image AUROC goes through :func:`ebmad.metrics.image_auroc`, which
+F1-max threshold reproduces F1-max). Image AUROC goes through :func:`image_auroc` (below), which
 maps scores into [0, 1] first (torchmetrics would otherwise treat them as logits). Pixel metrics share one
 descending sort of all pixels (:class:`~ebmad.evaluation.aupro.PixelTable`): pixel AUROC, AP, F1-max and
 exact AUPRO read the same sorted arrays, and per-defect subsets filter that order instead of re-sorting.
+
+AUROC with torchmetrics, guarded against its logit handling (:func:`image_auroc`, :class:`PixelAUROC`):
+torchmetrics treats any prediction outside [0, 1] as a logit and applies a sigmoid, which in float32
+saturates for scores above ~17 and silently turns anomaly scores into ties (AUROC 0.5). Every score
+is therefore mapped into [0, 1] by a strictly increasing transform in float64 first; AUROC depends
+only on the ranks, so the values are exact.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchmetrics.classification import BinaryAUROC
+from torchmetrics.functional.classification import binary_auroc
 
 from ebmad.evaluation.aupro import Maps, PixelTable, aupro, normalized_area, sorted_pro_curve, to_numpy
-from ebmad.metrics import image_auroc
 
 GOOD = "good"
+
+
+# ----------------------------------------------------------------------------------------- AUROC, guarded
+def minmax_unit(scores: torch.Tensor) -> torch.Tensor:
+    """Affine map of a complete set of scores onto [0, 1] (float64, order kept)."""
+    s = scores.detach().double()
+    lo, hi = s.min(), s.max()
+    return (s - lo) / (hi - lo) if hi > lo else torch.zeros_like(s)
+
+
+def positive_unit(scores: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """s / (s + scale) for non-negative scores (streaming-safe: needs no global min/max)."""
+    s = scores.detach().double()
+    return s / (s + scale)
+
+
+def image_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Exact AUROC of a full set of image scores; NaN when only one class is present."""
+    labels = labels.long()
+    if labels.numel() == 0 or labels.min() == labels.max():
+        return float("nan")
+    return float(binary_auroc(minmax_unit(scores), labels))
+
+
+class PixelAUROC(BinaryAUROC):
+    """Streaming pixel AUROC of non-negative maps: exact (``thresholds=None``) or binned (bounded memory).
+
+    ``scale`` is a typical map value; with binned thresholds it spreads the scores over [0, 1].
+    """
+
+    def __init__(self, thresholds: int | None = None, scale: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(thresholds=thresholds, **kwargs)
+        self.scale = scale
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:  # type: ignore[override]
+        super().update(positive_unit(preds.flatten(), self.scale), target.flatten().long())
 
 
 @dataclass
@@ -110,7 +154,7 @@ def curve_roc(c: BinaryCurve) -> tuple[np.ndarray, np.ndarray]:
 
 
 def auroc(scores: Maps, labels: Maps) -> float:
-    """Exact AUROC via :func:`ebmad.metrics.image_auroc`; NaN when only one class is present.
+    """Exact AUROC via :func:`image_auroc`; NaN when only one class is present.
 
     Scores are mapped into [0, 1] first, so torchmetrics never reads them as logits. For image scores;
     pixel sets use :func:`curve_auroc` on their shared sorted curve.

@@ -18,15 +18,14 @@ from torch import nn
 from torchmetrics import CatMetric
 
 from ebmad.evaluation.aupro import aupro
-from ebmad.evaluation.metrics import average_precision
+from ebmad.evaluation.metrics import PixelAUROC, average_precision, image_auroc
 from ebmad.evaluation.thresholds import (
     THREE_SIGMA_QUANTILE,
     false_alarm_estimate,
     false_alarm_threshold,
     quantile_threshold,
 )
-from ebmad.guards import check_finite_scores
-from ebmad.metrics import PixelAUROC, image_auroc
+from ebmad.reliability.guards import check_finite_scores
 
 ReduceSum = Callable[[torch.Tensor], torch.Tensor]
 Scores = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]

@@ -10,7 +10,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from ebmad.spikes import StepCSV
+from ebmad.reliability.spikes import StepCSV
 
 COLUMNS = ("step", "energy_pos", "energy_neg", "gap", "cd", "param_grad_norm", "sgld_grad_norm", "lr")
 

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from ebmad.evaluation.thresholds import three_sigma_threshold
-from ebmad.guards import DEFAULT_HINT, report_values
 from ebmad.models.base import AnomalyModule, ReduceSum, check
 from ebmad.models.ebm import outlier
 from ebmad.models.ebm.export import EBMScorer
@@ -29,6 +28,7 @@ from ebmad.models.ebm.scoring import (
     pnorm,
 )
 from ebmad.models.ebm.sgld import frozen, sgld_sample, uniform_init
+from ebmad.reliability.guards import DEFAULT_HINT, report_values
 from ebmad.synthesis.perlin_anomalies import synthesize
 from ebmad.synthesis.textures import BatchImages, TextureSource, texture_source
 

@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ebmad.guards import report_values
 from ebmad.models.base import ReduceSum, Scores, check
 from ebmad.models.ebm.scoring import MomentAccumulator, compute_scores, energy_and_grad
 from ebmad.models.ebm.sgld import frozen, sgld_sample
@@ -30,6 +29,7 @@ from ebmad.models.feature_ebm.network import PRIORS, FeatureEnergy
 from ebmad.models.padim.network import GaussianSums
 from ebmad.models.patchcore.memory import greedy_coreset
 from ebmad.models.pretrained import PretrainedFeatureModule, check_backbone_settings, fit_progress
+from ebmad.reliability.guards import report_values
 from ebmad.synthesis.perlin_anomalies import synthesize
 from ebmad.synthesis.textures import BatchImages
 

@@ -33,4 +33,3 @@ def untrained_reference(model: AnomalyModule, train: dict[str, torch.Tensor], te
     with torch.no_grad():
         ref.fit_statistics(DeviceBatchLoader({"image": train["image"]}, batch_size))
     return ref.evaluate(DeviceBatchLoader(test, batch_size))
-

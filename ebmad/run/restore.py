@@ -5,7 +5,7 @@ the image size and the channels from it, so none needs retyping; a setting given
 line that disagrees with it is an error naming both. At evaluation, scoring options that need no new weights
 can be changed (``SCORING_KEYS``); other ``model.*`` settings given explicitly are noted (they are part of the
 trained model or only used in training). Loading is weights-only
-(:func:`ebmad.checkpointing.load_module_checkpoint`): a checkpoint never runs code.
+(:func:`ebmad.reliability.checkpointing.load_module_checkpoint`): a checkpoint never runs code.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ebmad.builders import DataModule, config_model_type
-from ebmad.checkpointing import CheckpointError, load_module_checkpoint, validate_checkpoint
-from ebmad.jobs import job_overrides
 from ebmad.models import AnomalyModule, model_class
-from ebmad.utils import did_you_mean
+from ebmad.reliability.checkpointing import CheckpointError, load_module_checkpoint, validate_checkpoint
+from ebmad.run.builders import DataModule, config_model_type
+from ebmad.run.jobs import job_overrides
+from ebmad.run.metadata import did_you_mean
 
 log = logging.getLogger("ebmad")
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def git_commit(root: Path = PROJECT_ROOT) -> dict[str, Any]:

@@ -9,10 +9,10 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from ebmad.builders import DataModule
 from ebmad.evaluation.thresholds import false_alarm_estimate
 from ebmad.models import AnomalyModule
-from ebmad.utils import device_info, git_commit, score_statistics, write_json
+from ebmad.run.builders import DataModule
+from ebmad.run.metadata import device_info, git_commit, score_statistics, write_json
 
 
 def write_outputs(out: Path, cfg: DictConfig, model: AnomalyModule, dm: DataModule, trainer: pl.Trainer,

@@ -14,11 +14,11 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 
-from ebmad.checkpointing import atomic_torch_save
 from ebmad.data.loader import DeviceBatchLoader
 from ebmad.evaluation.thresholds import THREE_SIGMA_QUANTILE
-from ebmad.guards import check_finite_values
 from ebmad.models.base import AnomalyModule
+from ebmad.reliability.checkpointing import atomic_torch_save
+from ebmad.reliability.guards import check_finite_values
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ebmad.evaluation.examples import load_examples
-from ebmad.report import (
+from ebmad.reporting.sweeps import PUBLISHED, Job, Sweep, category_mean, models_of, stat
+from ebmad.reporting.tables import (
     PUBLISHED_NOTE,
     Table,
     _categories,
@@ -37,7 +38,6 @@ from ebmad.report import (
     setting_tables,
     trials_table,
 )
-from ebmad.report_jobs import PUBLISHED, Job, Sweep, category_mean, models_of, stat
 
 COLORS = (
     "tab:blue",

@@ -12,9 +12,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from ebmad.data import AnomalyDataModule
 from ebmad.data.synthetic import generate_category
-from ebmad.jobs import wandb_run_id
 from ebmad.models import AnomalyModule
-from ebmad.quiet import quiet_wandb_logger
+from ebmad.run.jobs import wandb_run_id
+from ebmad.run.quiet import quiet_wandb_logger
 
 DataModule = AnomalyDataModule  # one datamodule for every dataset layout (ebmad.data)
 
@@ -74,7 +74,7 @@ def check_config(cfg: DictConfig) -> None:
     if not cfg.train and cfg.test and not cfg.get("ckpt_path"):
         raise ValueError("train=false test=true needs ckpt_path=<path to a checkpoint written after fit>")
     # an existing ckpt_path was validated (and the config aligned with it) by
-    # ebmad.restore.adopt_checkpoint_settings before this check
+    # ebmad.run.restore.adopt_checkpoint_settings before this check
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")
 

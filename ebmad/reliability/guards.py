@@ -16,7 +16,7 @@ One mechanism for training and testing:
   the same hint as the training guard (:func:`diverged_after_training`): ``status: diverged``.
 
 On a non-finite value the guard calls :meth:`NonFiniteGuard.on_non_finite`, which raises
-:class:`TrainingDiverged`. A recovery policy that skips the step (``ebmad.spikes.SpikeGuard`` with ``skip``
+:class:`TrainingDiverged`. A recovery policy that skips the step (``ebmad.reliability.spikes.SpikeGuard`` with ``skip``
 or ``restore``, listed before this guard) marks the step as recovered; its values are then not held
 against the run.
 """
@@ -171,7 +171,7 @@ class NonFiniteGuard(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         if getattr(pl_module, RECOVERED, None) == trainer.global_step:
-            self._pending = {}  # a recovery policy (ebmad.spikes.SpikeGuard) already undid this step
+            self._pending = {}  # a recovery policy (ebmad.reliability.spikes.SpikeGuard) already undid this step
             return
         if self.check_gradients and getattr(trainer.precision_plugin, "scaler", None) is None:
             grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-PUBLISHED_CSV = Path(__file__).resolve().parent / "reference" / "published.csv"
+PUBLISHED_CSV = Path(__file__).resolve().parent.parent / "reference" / "published.csv"
 CATEGORY_KEY = "data.category"
 MODEL_KEY = "model"
 SEED_KEY = "seed"

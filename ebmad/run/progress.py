@@ -16,7 +16,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 
-from ebmad.jobs import job_overrides, sweep_position
+from ebmad.run.jobs import job_overrides, sweep_position
 
 log = logging.getLogger(__name__)
 WHEN = ("auto", "always", "never")

@@ -36,7 +36,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from ebmad.guards import RECOVERED, TrainingDiverged
+from ebmad.reliability.guards import RECOVERED, TrainingDiverged
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ class SpikeGuard(pl.Callback):
     is bit-exact when it starts at a multiple of ``snapshot_every`` (e.g. the periodic checkpoints), or
     when no restore happens before the next refresh.
 
-    With a :class:`~ebmad.guards.NonFiniteGuard` after this guard in the callback list (the default order),
+    With a :class:`~ebmad.reliability.guards.NonFiniteGuard` after this guard in the callback list (the default order),
     a skipped step's gradients are gone when it checks them (a finite spike with overflowing gradients is
     recovered), but a NaN/inf loss or energy still stops the run (the guard flags it before backward):
     recovering from those needs ``callbacks.nonfinite=null``.

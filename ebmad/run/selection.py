@@ -23,11 +23,11 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from ebmad.callbacks import StatisticsCallback
 from ebmad.data.loader import DeviceBatchLoader
-from ebmad.guards import NonFiniteError
-from ebmad.metrics import PixelAUROC, image_auroc
+from ebmad.evaluation.metrics import PixelAUROC, image_auroc
 from ebmad.models.base import AnomalyModule
+from ebmad.reliability.guards import NonFiniteError
+from ebmad.run.callbacks import StatisticsCallback
 
 log = logging.getLogger(__name__)
 SCORE_KEY = "validation/score"
@@ -108,7 +108,7 @@ class ValidationCheckpoint(pl.Callback):
     images (:meth:`~AnomalyModule.fit_statistics`), score the validation set, log the metrics (``monitor``,
     default ``validation/score``, and ``validation/best``) and write ``<dirpath>/<filename>.ckpt`` when
     ``monitor`` improves (``mode`` max or min), with the decision thresholds fitted as
-    :class:`~ebmad.callbacks.StatisticsCallback` does, so that checkpoint can be tested as it is.
+    :class:`~ebmad.run.callbacks.StatisticsCallback` does, so that checkpoint can be tested as it is.
 
     Training is unchanged: the model's train/eval mode and every random state are as before, and the
     per-step generator is a pure function of the step. The best score and step, and the history of

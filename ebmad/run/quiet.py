@@ -52,7 +52,7 @@ LOG_FILTERS: tuple[tuple[tuple[str, ...], str, str], ...] = (
         ("pytorch_lightning.trainer.connectors.checkpoint_connector",),
         r"`weights_only` was not set",
         "ebmad writes full checkpoints on purpose (exact resume needs the optimizer and loop state) and loads "
-        "every checkpoint with weights_only=True (ebmad.checkpointing)",
+        "every checkpoint with weights_only=True (ebmad.reliability.checkpointing)",
     ),
 )
 

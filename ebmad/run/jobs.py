@@ -22,8 +22,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
-from ebmad.checkpointing import pick_resume_checkpoint
-from ebmad.utils import write_json
+from ebmad.reliability.checkpointing import pick_resume_checkpoint
+from ebmad.run.metadata import write_json
 
 MAX_JOB_DIR = 120
 IDENTITY_KEYS = ("data", "model", "seed")  # what must match to resume or skip a job in the same folder

@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ebmad.utils import did_you_mean
+from ebmad.run.metadata import did_you_mean
 
 log = logging.getLogger("ebmad")
 USER_ERRORS = (ValueError, OSError)

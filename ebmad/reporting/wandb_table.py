@@ -11,8 +11,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ebmad.report import HEADLINES, _categories, _headline_of, report_settings
-from ebmad.report_jobs import PUBLISHED, Sweep, category_mean, models_of, stat
+from ebmad.reporting.sweeps import PUBLISHED, Sweep, category_mean, models_of, stat
+from ebmad.reporting.tables import HEADLINES, _categories, _headline_of, report_settings
 
 log = logging.getLogger(__name__)
 COLUMNS = ["setting", "model", "category", "metric", "mean", "std", "n", "published", "delta", "status",

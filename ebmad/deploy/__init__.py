@@ -1,0 +1,1 @@
+"""Deployment: ONNX export, line thresholds and their calibration, the overlays predict draws."""
