@@ -1,5 +1,5 @@
 # ebmad: `make demo` trains + evaluates on a synthetic category on CPU; `make test` runs the tests.
-# Both create ./.venv on first use. GPU users: see README (TORCH_VERSION / an existing CUDA torch).
+# Both create ./.venv on first use. GPU users: see docs/running-and-sweeps.md, Installation (TORCH_VERSION / an existing CUDA torch).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0

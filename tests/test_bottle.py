@@ -8,7 +8,7 @@ from conftest import BOTTLE_ROOT
 
 pytestmark = pytest.mark.skipif(
     not (BOTTLE_ROOT / "bottle").is_dir(),
-    reason=f"real MVTec AD bottle data not found at {BOTTLE_ROOT / 'bottle'} (see README: Data)",
+    reason=f"real MVTec AD bottle data not found at {BOTTLE_ROOT / 'bottle'} (see docs/data.md)",
 )
 
 

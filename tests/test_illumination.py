@@ -52,7 +52,7 @@ def test_instance_normalized_scores_ignore_a_darker_image():
 def test_ebm_plus_recipe_keeps_image_auroc_under_illumination_shift(make_cfg, tmp_path):
     """The chosen recipe (experiment=ebm_plus, shrunk): darker/brighter good images barely move the image AUROC.
 
-    (The paper's setting reacts to the same change: test above and the real-data study in the README.)"""
+    (The paper's setting reacts to the same change: test above and the real-data study in docs/studies.md.)"""
     fit = run(make_cfg("experiment=ebm_plus", "trainer.max_steps=10", out=tmp_path / "fit"))
     assert fit["config"]["model"]["input_norm"] == "instance" and fit["config"]["model"]["persistent"]
     ckpt = tmp_path / "fit" / "checkpoints" / "last.ckpt"

@@ -65,7 +65,7 @@ class UnsafeCheckpointError(CheckpointError):
         super().__init__(
             f"refusing to load {path}: it holds {names}, which ebmad checkpoints never contain (only tensors "
             "and plain containers are loaded, so that opening a file can never run code). If you trust its "
-            "author, see README 'Checkpoints from others'",
+            "author, see docs/reliability.md 'Checkpoints from others'",
             damaged=False,
         )
         self.types = types
