@@ -47,7 +47,7 @@ from ebmad.outputs import result_line, write_outputs
 from ebmad.restore import adopt_checkpoint_settings, load_for_test
 from ebmad.selection import ValidationCheckpoint, per_kind_scores, score_validation
 from ebmad.synthesis import describe
-from ebmad.untrained import untrained_reference
+from ebmad.untrained import training_gain, untrained_reference
 from ebmad.utils import PROJECT_ROOT
 
 log = logging.getLogger("ebmad")
@@ -240,6 +240,8 @@ def evaluate_test_set(cfg: DictConfig, model: AnomalyModule, dm: DataModule, tra
                                   trainer.strategy.root_device)  # fmt: skip
         timings["untrained_reference"] = time.perf_counter() - t0
         extra["reference"] = {"untrained": ref}
+        keys = [f"image_auroc/{model.DEFAULT_IMAGE_SCORE}", f"pixel_auroc/{model.DEFAULT_PIXEL_MAP}", "aupro"]
+        log.info("[%s] %s", dm.category, training_gain(res["metrics"], ref, keys))
         for lg in loggers:
             lg.log_metrics({f"reference/untrained/{k}": v for k, v in ref.items()}, step=trainer.global_step)
     if OmegaConf.select(cfg, "eval.figures", default=True):
