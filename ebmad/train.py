@@ -47,7 +47,7 @@ from ebmad.run.metadata import PROJECT_ROOT
 from ebmad.run.outputs import result_line, write_outputs
 from ebmad.run.restore import adopt_checkpoint_settings, load_for_test
 from ebmad.run.selection import ValidationCheckpoint, per_kind_scores, score_validation
-from ebmad.run.untrained import untrained_reference
+from ebmad.run.untrained import training_gain, untrained_reference
 from ebmad.synthesis import describe
 
 log = logging.getLogger("ebmad")
@@ -240,6 +240,8 @@ def evaluate_test_set(cfg: DictConfig, model: AnomalyModule, dm: DataModule, tra
                                   trainer.strategy.root_device)  # fmt: skip
         timings["untrained_reference"] = time.perf_counter() - t0
         extra["reference"] = {"untrained": ref}
+        keys = [f"image_auroc/{model.DEFAULT_IMAGE_SCORE}", f"pixel_auroc/{model.DEFAULT_PIXEL_MAP}", "aupro"]
+        log.info("[%s] %s", dm.category, training_gain(res["metrics"], ref, keys))
         for lg in loggers:
             lg.log_metrics({f"reference/untrained/{k}": v for k, v in ref.items()}, step=trainer.global_step)
     if OmegaConf.select(cfg, "eval.figures", default=True):

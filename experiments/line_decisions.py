@@ -54,6 +54,10 @@ METHODS = {
     "draem_cpu": ("conf/recipe/draem_cpu.yaml", ["recipe=draem_cpu", "trainer.max_steps=150"]),
     "patchcore_cpu": ("conf/recipe/patchcore_cpu.yaml", ["recipe=patchcore_cpu"]),
     "padim_cpu": ("conf/recipe/padim_cpu.yaml", ["recipe=padim_cpu"]),
+    "feature_ebm_cpu": (
+        "conf/recipe/feature_ebm_cpu.yaml",
+        ["recipe=feature_ebm_cpu", "model.gradient_maps=false"],
+    ),
 }
 FIELDS = ["date", "method", "overrides", "train_s", "n_fit", "fit_sources", "fa_target", "fa_expected",
           "fa_bound95", "enough", "n_needed", "test_good_n", "test_good_flagged", "test_good_fa", "within_bound",

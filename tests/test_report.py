@@ -400,3 +400,16 @@ def test_summary_is_logged_to_wandb_offline_under_the_sweep_group(seed_sweep, tm
         statistics.stdev(values)
     )
     assert row[6] == 2 and records(run_file)
+
+
+def test_fit_only_models_are_described_without_training_steps():
+    from ebmad.reporting.tables import setting_lines
+
+    cfg = {"data": {"image_size": 224}, "trainer": {"max_steps": 20}, "eval": {"resolution": "native"}}
+    jobs = [
+        Job(None, "bottle", "s", "completed", model=m, seed="0", config=cfg) for m in ("patchcore", "ebm")
+    ]
+    lines = {line.split(":")[0]: line for line in setting_lines(jobs)}
+    patchcore, ebm = lines["- patchcore"], lines["- ebm"]
+    assert "no training steps (fitted in one pass)" in patchcore and "trainer.max_steps" not in patchcore
+    assert "20 steps (trainer.max_steps)" in ebm

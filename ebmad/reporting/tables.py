@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ebmad.models import MODEL_CLASSES, model_class
 from ebmad.reporting.sweeps import (
     PUBLISHED,
     CategoryMean,
@@ -43,7 +44,8 @@ STD_NOTE = ("Seeds are replicates: each value is the mean ± sample standard dev
             "its ± the standard deviation over seeds of the per-seed means (seeds that completed every "
             "category), n those seeds.")  # fmt: skip
 PUBLISHED_NOTE = ("Published numbers: EBM per-category pixel AUROC from Genc et al. Table 2 (image AUROC only as "
-                  "a 15-category mean); DRAEM from Zavrtanik et al. Table 2; SSAE journal means. Sources in "
+                  "a 15-category mean); DRAEM from Zavrtanik et al. Table 2; SSAE journal means; PatchCore (authors' "
+                  "results, WideResNet-50) and PaDiM (WideResNet-50): another backbone is not comparable. Sources in "
                   "`ebmad/reference/published.csv`. Δ = ours - published, printed only where the runs match the paper's "
                   "protocol in data, resolution and training length (at least 90 %; the protocol columns of "
                   "published.csv); elsewhere the published value is context, marked not comparable. A mean is "
@@ -285,6 +287,11 @@ def not_completed_table(jobs: list[Job]) -> Table:
     return t
 
 
+def fit_only(model: str) -> bool:
+    """Whether ``model`` is fitted without training steps (PatchCore, PaDiM); False for an unknown name."""
+    return model in MODEL_CLASSES and model_class(model).FIT_ONLY
+
+
 def setting_lines(jobs: list[Job]) -> list[str]:
     """Per model what was run: recipe, image size, training length, evaluation resolution, seeds."""
     out = []
@@ -293,7 +300,8 @@ def setting_lines(jobs: list[Job]) -> list[str]:
         cfg = next((j.config for j in sel if j.config), {})
         data, trainer = cfg.get("data") or {}, cfg.get("trainer") or {}
         steps = trainer.get("max_steps")
-        length = (f"{steps} steps (trainer.max_steps)" if isinstance(steps, int) and steps >= 0 else
+        length = ("no training steps (fitted in one pass)" if fit_only(m) else
+                  f"{steps} steps (trainer.max_steps)" if isinstance(steps, int) and steps >= 0 else
                   f"{trainer.get('max_epochs', '?')} epochs (trainer.max_epochs)")  # fmt: skip
         res = (cfg.get("eval") or {}).get("resolution", "?")
         seeds = ", ".join(dict.fromkeys(j.seed for j in sel if j.seed)) or "?"
