@@ -171,7 +171,8 @@ def loader(images: torch.Tensor, batch: int = 2) -> DeviceBatchLoader:
 
 
 MODELS = {
-    "patchcore": lambda **kw: PatchCoreModule(image_size=32, coreset_ratio=1.0, **kw),
+    # a coreset of half the patches: the leave-out refit chooses it again without the image
+    "patchcore": lambda **kw: PatchCoreModule(image_size=32, coreset_ratio=0.5, leave_out_folds=8, **kw),
     # 4 channels and 8 images: well-conditioned covariances (otherwise epsilon I dominates and float32
     # rounding of the features is amplified beyond the tolerance)
     "padim": lambda **kw: PadimModule(image_size=32, n_features=4, leave_out_folds=8, **kw),
@@ -189,6 +190,21 @@ def test_leave_out_scores_equal_a_refit_without_the_image(kind):
         other.fit_statistics(loader(torch.cat([images[:i], images[i + 1 :]])))
         ref = other.score(images[i : i + 1])[0][other.DEFAULT_IMAGE_SCORE]
         assert float(left_out[i]) == pytest.approx(float(ref), rel=1e-4), i
+
+
+def test_patchcore_leave_out_folds_equal_refits_without_the_fold():
+    """4 folds of 8 images: each image's score equals a PatchCore fitted (coreset included) on the other 6."""
+    images = tiny_images(8)
+    model = PatchCoreModule(image_size=32, coreset_ratio=0.3, leave_out_folds=4).eval()
+    model.fit_statistics(loader(images))
+    bank = model.net.memory_bank.clone()
+    left_out = model.leave_out_scores(loader(images))
+    assert torch.equal(model.net.memory_bank, bank)  # the fitted bank is restored
+    for lo in range(0, 8, 2):
+        other = PatchCoreModule(image_size=32, coreset_ratio=0.3).eval()
+        other.fit_statistics(loader(torch.cat([images[:lo], images[lo + 2 :]])))
+        ref = other.score(images[lo : lo + 2])[0]["reweighted"]
+        assert left_out[lo : lo + 2].tolist() == pytest.approx(ref.tolist(), rel=1e-4), lo
 
 
 @pytest.mark.parametrize("kind", sorted(MODELS))

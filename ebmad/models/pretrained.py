@@ -40,6 +40,21 @@ def fit_progress(batches: Iterable[dict[str, torch.Tensor]], what: str) -> Itera
             log.info("%s: batch %d/%s, %.0f s", what, i + 1, total or "?", now - start)
 
 
+def images_in_range(batches: Iterable[dict[str, torch.Tensor]], lo: int, hi: int
+                    ) -> Iterator[tuple[torch.Tensor, int]]:  # fmt: skip
+    """The training images lo..hi-1 (positions in the batches' order), batch by batch: (images, position of
+    the first). For refits without a fold (leave-out scores)."""
+    seen = 0
+    for batch in batches:
+        x = batch["image"]
+        a, b = max(lo, seen) - seen, min(hi, seen + len(x)) - seen
+        if a < b:
+            yield x[a:b], seen + a
+        seen += len(x)
+        if seen >= hi:
+            break
+
+
 class PretrainedFeatureModule(AnomalyModule):
     """Base of the fit-only methods on a frozen backbone (PatchCore, PaDiM).
 

@@ -16,7 +16,12 @@ from torch import nn
 
 from ebmad.models.base import ReduceSum, Scores, check
 from ebmad.models.padim.network import GaussianSums, Padim
-from ebmad.models.pretrained import PretrainedFeatureModule, check_backbone_settings, fit_progress
+from ebmad.models.pretrained import (
+    PretrainedFeatureModule,
+    check_backbone_settings,
+    fit_progress,
+    images_in_range,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,15 +118,11 @@ class PadimModule(PretrainedFeatureModule):
     def _embed_range(self, batches: Iterable[dict[str, torch.Tensor]], lo: int, hi: int
                      ) -> tuple[torch.Tensor, tuple[int, int]]:  # fmt: skip
         """Embeddings of the training images lo..hi-1 (positions in the batches' order)."""
-        out, seen, grid = [], 0, (0, 0)
+        out, grid = [], (0, 0)
         with torch.no_grad():
-            for batch in batches:
-                x = batch["image"]
-                a, b = max(lo, seen) - seen, min(hi, seen + len(x)) - seen
-                if a < b:
-                    emb, grid = self.net.embed(x[a:b].to(self.device))
-                    out.append(emb)
-                seen += len(x)
+            for x, _ in images_in_range(batches, lo, hi):
+                emb, grid = self.net.embed(x.to(self.device))
+                out.append(emb)
         return torch.cat(out), grid
 
     # ------------------------------------------------------------------ scoring

@@ -19,7 +19,12 @@ from torch import nn
 from ebmad.models.base import ReduceSum, Scores, check
 from ebmad.models.patchcore.memory import greedy_coreset
 from ebmad.models.patchcore.network import PatchCore
-from ebmad.models.pretrained import PretrainedFeatureModule, check_backbone_settings, fit_progress
+from ebmad.models.pretrained import (
+    PretrainedFeatureModule,
+    check_backbone_settings,
+    fit_progress,
+    images_in_range,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +66,7 @@ class PatchCoreModule(PretrainedFeatureModule):
         max_patches: int = 1_000_000,
         num_neighbors: int = 9,
         smooth_sigma: float = 4.0,
+        leave_out_folds: int = 5,
         pixel_auroc_thresholds: int | None = None,
         n_examples: int = 8,
         seed: int = 0,
@@ -71,6 +77,7 @@ class PatchCoreModule(PretrainedFeatureModule):
         check(max_patches >= 1, f"model.max_patches must be >= 1, got {max_patches}")
         check(num_neighbors >= 1, f"model.num_neighbors must be >= 1, got {num_neighbors}")
         check(smooth_sigma >= 0, f"model.smooth_sigma must be >= 0, got {smooth_sigma}")
+        check(leave_out_folds >= 2, f"model.leave_out_folds must be >= 2, got {leave_out_folds}")
         self.save_hyperparameters()
         self.net = PatchCore(
             image_size, backbone, tuple(layers), backbone_weights, num_neighbors, smooth_sigma
@@ -86,22 +93,29 @@ class PatchCoreModule(PretrainedFeatureModule):
                        ) -> dict[str, Any]:  # fmt: skip
         """The memory bank: the patch features of every training image (at most ``max_patches`` in all: a
         seeded random share of each image's patches beyond), then their greedy coreset (``coreset_ratio``)."""
-        hp = self.hparams
         feats, owners = self._collect(batches)
+        center, bank, source = self._memory(feats, owners)
+        self.net.center.copy_(center)
+        self.net.memory_bank, self.net.bank_source = bank, source
+        self._fit_patches = (feats, owners)  # for leave_out_scores right after the fit (not saved)
+        log.info("PatchCore memory bank: %d of %d patch features from %d images (coreset ratio %g)",
+                 len(bank), len(feats), int(owners.max()) + 1, self.hparams.coreset_ratio)  # fmt: skip
+        return {}
+
+    def _memory(
+        self, feats: torch.Tensor, owners: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(center, greedy-coreset bank in centered coordinates, owner image of each bank row) of patch features."""
+        hp = self.hparams
         center = feats.mean(0)
-        feats -= center
+        centered = feats - center
         n_bank = max(1, math.ceil(hp.coreset_ratio * len(feats)))
         chosen = (
-            greedy_coreset(feats, n_bank, hp.coreset_projection, hp.seed)
+            greedy_coreset(centered, n_bank, hp.coreset_projection, hp.seed)
             if n_bank < len(feats)
             else torch.arange(len(feats), device=feats.device)
         )
-        self.net.center.copy_(center)
-        self.net.memory_bank = feats[chosen].contiguous()
-        self.net.bank_source = owners[chosen].contiguous()
-        log.info("PatchCore memory bank: %d of %d patch features from %d images (coreset ratio %g)",
-                 n_bank, len(feats), int(owners.max()) + 1, hp.coreset_ratio)  # fmt: skip
-        return {}
+        return center, centered[chosen].contiguous(), owners[chosen].contiguous()
 
     def _collect(self, batches: Iterable[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch features (n, D) of the training images and the image index of each, bounded by max_patches."""
@@ -138,22 +152,33 @@ class PatchCoreModule(PretrainedFeatureModule):
             )
 
     def leave_out_scores(self, batches: Iterable[dict[str, torch.Tensor]]) -> torch.Tensor | None:
-        """Default image scores of the training images (in the order ``fit_statistics`` saw them), each
-        scored without its own patches in the memory bank."""
-        scores, seen = [], 0
-        with torch.no_grad():
-            for batch in batches:
-                x = batch["image"].to(self.device)
-                owner = torch.arange(seen, seen + len(x), device=self.device)
-                feats, _ = self.net.embed(x)
-                dist, idx = self.net.patch_scores(feats, owner)
-                scores.append(self.net.image_scores(feats, dist, idx, owner)[0].cpu())
-                seen += len(x)
-        if seen and int(self.net.bank_source.max()) >= seen:
-            raise ValueError(
-                f"leave_out_scores: {seen} training images given, but the bank was fitted on more"
-            )
-        return torch.cat(scores) if scores else None
+        """Default image scores of the training images (in the order ``fit_statistics`` saw them), each scored by
+        a memory bank refitted without its fold (``leave_out_folds`` contiguous folds of images; the coreset is
+        chosen again; as many folds as images = leave-one-out). Only dropping an image's own patches from the
+        full bank is not enough: that coreset was chosen to cover the image, and thresholds fitted on such
+        scores flag more new good images than they promise."""
+        feats, owners = self.__dict__.pop("_fit_patches", None) or self._collect(batches)
+        n = int(owners.max()) + 1
+        k = min(self.hparams.leave_out_folds, n)
+        fold_of = torch.arange(n) * k // n
+        scores = torch.empty(n)
+        saved = (self.net.center.clone(), self.net.memory_bank, self.net.bank_source)
+        try:
+            for f in fit_progress(range(k), "PatchCore: leave-out folds"):
+                members = (fold_of == f).nonzero().flatten()  # a contiguous block of images
+                lo, hi = int(members[0]), int(members[-1]) + 1
+                keep = (owners < lo) | (owners >= hi)
+                center, self.net.memory_bank, self.net.bank_source = self._memory(feats[keep], owners[keep])
+                self.net.center.copy_(center)
+                with torch.no_grad():
+                    for x, at in images_in_range(batches, lo, hi):
+                        emb, _ = self.net.embed(x.to(self.device))
+                        dist, idx = self.net.patch_scores(emb)
+                        scores[at : at + len(x)] = self.net.image_scores(emb, dist, idx)[0].cpu()
+        finally:
+            self.net.center.copy_(saved[0])
+            self.net.memory_bank, self.net.bank_source = saved[1], saved[2]
+        return scores
 
     # ------------------------------------------------------------------ scoring
     def score(self, x: torch.Tensor) -> Scores:
