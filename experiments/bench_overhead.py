@@ -29,37 +29,18 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 import ebmad.train as train_mod
 from ebmad.models.ebm.network import EnergyNet
 from ebmad.models.ebm.sgld import frozen, sgld_sample, uniform_init
+from ebmad.run.builders import compose_config
 from ebmad.run.metadata import cpu_name, git_commit
 
 ROOT = Path(__file__).resolve().parent.parent
 CSV = ROOT / "experiments" / "results" / "bench_overhead.csv"
 FIELDS = ("date", "label", "commit", "device", "threads", "load_1min", "steps", "image_size", "batch_size",
           "sgld_steps", "bare_ms_per_step", "ebmad_ms_per_step", "ratio", "overrides")  # fmt: skip
-
-
-def compose_cfg(out: Path, overrides: list[str]) -> DictConfig:
-    """``conf/train.yaml`` as ``python -m ebmad.train`` composes it, with the run folder ``out``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(train_mod.CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", return_hydra_config=True, overrides=overrides)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(out)
-        cfg.hydra.runtime.cwd = str(ROOT)
-        cfg.hydra.job.num = 0
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-        cfg.paths.root_dir = str(ROOT)
-        del cfg["hydra"]
-    return cfg
 
 
 class StepClock(pl.Callback):
@@ -133,7 +114,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench_overhead_") as tmp:
         overrides = ["experiment=quickstart", f"trainer.max_steps={a.steps}", "test=false",
                      f"paths.log_dir={tmp}", *a.overrides]  # fmt: skip
-        cfg = compose_cfg(Path(tmp) / "run", overrides)
+        cfg = compose_config(Path(tmp) / "run", overrides)
         bare = bare_step_ms(cfg, a.steps, a.warmup)
         ours = ebmad_step_ms(cfg, a.warmup)
     load = os.getloadavg()[0]

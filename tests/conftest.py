@@ -8,13 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from ebmad.data.synthetic import generate_category
-from ebmad.train import CONF_DIR
+from ebmad.run.builders import compose_config
 
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -43,21 +40,7 @@ def tiny_overrides(root: Path, category: str = "tex_a") -> list[str]:
     ]  # fmt: skip
 
 
-def compose_cfg(output_dir: Path, overrides: list[str]) -> DictConfig:
-    """Compose conf/train.yaml as ``python -m ebmad.train`` would, with the run folder set to ``output_dir``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", return_hydra_config=True, overrides=overrides)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.runtime.cwd = str(REPO)
-        cfg.hydra.job.num = 0
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        cfg.paths.root_dir = str(REPO)
-        del cfg["hydra"]
-    return cfg
+compose_cfg = compose_config  # conf/train.yaml as python -m ebmad.train composes it
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from ebmad.data import AnomalyDataModule
 from ebmad.data.synthetic import generate_category
 from ebmad.models import AnomalyModule
 from ebmad.run.jobs import wandb_run_id
+from ebmad.run.metadata import PROJECT_ROOT
 from ebmad.run.quiet import quiet_wandb_logger
 
 DataModule = AnomalyDataModule  # one datamodule for every dataset layout (ebmad.data)
@@ -87,3 +88,26 @@ def config_model_type(cfg: DictConfig) -> str:
         return hydra.utils.get_class(target).MODEL_TYPE
     except Exception as exc:
         raise ValueError(f"model._target_={target!r} is not an ebmad model ({module}.{cls})") from exc
+
+
+def compose_config(output_dir: Path, overrides: list[str]) -> DictConfig:
+    """``conf/train.yaml`` composed as ``python -m ebmad.train`` would, with the run folder ``output_dir``: for
+    tests and benchmarks that call :func:`ebmad.train.run` in this process."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True, overrides=overrides)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.runtime.cwd = str(PROJECT_ROOT)
+        cfg.hydra.job.num = 0
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.root_dir = str(PROJECT_ROOT)
+        del cfg["hydra"]
+    return cfg
