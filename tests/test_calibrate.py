@@ -93,6 +93,7 @@ def test_a_run_reports_how_its_threshold_was_fitted_and_warns_when_n_is_small(fi
     measured = res["thresholds"]["measured_on_test_good"]
     assert measured["n"] == sum(r["label"] == "0" for r in read_csv_rows(out / "scores.csv"))
     assert measured["within_fit_bound"] == (measured["rate"] <= fit["upper_bound"])
+    assert measured["consistent_with_fit_bound"] == (measured["lower_bound"] <= fit["upper_bound"])
     line = stdout.strip().splitlines()[-1]
     assert line.startswith("RESULT") and f"n_fit={n_val}({n_val}_held_out)" in line
     assert "false_alarm_expected=" in line and "false_alarm_bound95=" in line

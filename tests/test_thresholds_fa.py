@@ -101,7 +101,10 @@ def test_estimate_of_a_fixed_threshold_is_clopper_pearson():
     assert (est["false_alarms"], est["n"], est["rate"]) == (5, 100, 0.05)
     by_hand = bisect(lambda p: binomial_tail(100, 6, p) - 0.95, 0.0, 1.0)  # P(Bin(100, p) <= 5) = 0.05
     assert est["upper_bound"] == pytest.approx(by_hand, abs=1e-9)
+    lower = bisect(lambda p: binomial_tail(100, 5, p) - 0.05, 0.0, 1.0)  # P(Bin(100, p) >= 5) = 0.05
+    assert est["lower_bound"] == pytest.approx(lower, abs=1e-9)
     assert false_alarm_estimate([1.0, 2.0], 0.0)["upper_bound"] == 1.0
+    assert false_alarm_estimate([1.0, 2.0], 5.0)["lower_bound"] == 0.0
 
 
 # ------------------------------------------------------------------ calibration on labelled shots

@@ -196,15 +196,17 @@ def false_alarm_note(fit: dict[str, Any]) -> str:
 def false_alarm_estimate(good_scores: Maps, threshold: float, confidence: float = 0.95) -> dict[str, Any]:
     """False-alarm rate of a fixed ``threshold`` on defect-free scores it was not chosen on.
 
-    m of n scores >= threshold: rate m / n and the one-sided Clopper-Pearson ``confidence`` upper bound
-    (the Beta(m + 1, n - m) quantile; 1 when m = n). Only valid when the threshold did not come from these
-    scores (e.g. calibrated on other images, or typed in).
+    m of n scores >= threshold: rate m / n and the one-sided Clopper-Pearson ``confidence`` bounds: upper
+    the Beta(m + 1, n - m) quantile (1 when m = n), lower the Beta(m, n - m + 1) quantile at 1 - confidence
+    (0 when m = 0). Only valid when the threshold did not come from these scores (e.g. calibrated on other
+    images, or typed in).
     """
     s = _good_scores(good_scores, "false_alarm_estimate")
     n, m = int(s.size), int(np.count_nonzero(s >= threshold))
     bound = 1.0 if m >= n else float(stats.beta.ppf(confidence, m + 1, n - m))
+    lower = 0.0 if m == 0 else float(stats.beta.ppf(1 - confidence, m, n - m + 1))
     return {"threshold": float(threshold), "n": n, "false_alarms": m, "rate": m / n, "upper_bound": bound,
-            "confidence": float(confidence)}  # fmt: skip
+            "lower_bound": lower, "confidence": float(confidence)}  # fmt: skip
 
 
 # ----------------------------------------------------------------- calibration on a few labelled shots
