@@ -121,7 +121,7 @@ class RobustZScore:
                 self.values = {k: deque((r[k] for r in self.run), maxlen=self.window) for k in values}
                 self.run = []
                 self.shifts += 1
-                log.warning("level shift at step %d: %s out of line for %d steps in a row; the detector's window "
+                log.info("level shift at step %d: %s out of line for %d steps in a row; the detector's window "
                             "restarts from these values", step, ", ".join(e.quantity for e in events),
                             self.patience)  # fmt: skip
         else:
@@ -359,8 +359,12 @@ class SpikeGuard(pl.Callback):
         events = events or [SpikeEvent(step, "another process", float("nan"), float("nan"), float("nan"))]
         self.last_event = events[-1]
         for e in events:
-            log.warning("spike at step %d: %s = %.6g (median %.6g, z = %.3g); actions: %s", e.step, e.quantity,
-                        e.value, e.median, e.z, ", ".join(actions))  # fmt: skip
+            # a warning when something is done about it or the value is not finite; with the default
+            # detect-and-log policy a finite outlier is a logged fact (spikes.csv, train/spike): the energy of an
+            # EBM rises in steps early in training, and a first run should not read as failing
+            say = log.warning if self.policy or not math.isfinite(e.value) else log.info
+            say("spike at step %d: %s = %.6g (median %.6g, z = %.3g); actions: %s", e.step, e.quantity,
+                e.value, e.median, e.z, ", ".join(actions))  # fmt: skip
             if self.csv is not None and trainer.is_global_zero:
                 self.csv.write([e.step, e.quantity, e.value, e.median, e.z, ";".join(actions)])
         if self.policy and self.max_events and self.n_events >= self.max_events:
