@@ -16,8 +16,10 @@ from conftest import REPO, SMALL
 
 # a Python warning ("...: UserWarning: ..."), Lightning's warning format ("<file>.py:321: <message>"), the echo
 # of warnings.warn, W&B's warnings, and the noise named in the issue
-NOISE = re.compile(r"Warning|warnings\.warn|\.py:\d+: |wandb: WARNING|litlogger|weights_only|Epoch \d+/"
-                   r"|\]\[WARNING\] - (spike|level shift)")
+NOISE = re.compile(
+    r"Warning|warnings\.warn|\.py:\d+: |wandb: WARNING|litlogger|weights_only|Epoch \d+/"
+    r"|\]\[WARNING\] - (spike|level shift)"
+)
 
 
 def piped_run(*args: str) -> str:
