@@ -94,10 +94,10 @@ class PatchCoreModule(PretrainedFeatureModule):
         """The memory bank: the patch features of every training image (at most ``max_patches`` in all: a
         seeded random share of each image's patches beyond), then their greedy coreset (``coreset_ratio``)."""
         feats, owners = self._collect(batches)
-        center, bank, source = self._memory(feats, owners)
+        center, bank, source = self._memory(feats, owners)  # centers feats in place (no second copy)
         self.net.center.copy_(center)
         self.net.memory_bank, self.net.bank_source = bank, source
-        self._fit_patches = (feats, owners)  # for leave_out_scores right after the fit (not saved)
+        self._fit_patches = (feats, center, owners)  # for leave_out_scores right after the fit (not saved)
         log.info("PatchCore memory bank: %d of %d patch features from %d images (coreset ratio %g)",
                  len(bank), len(feats), int(owners.max()) + 1, self.hparams.coreset_ratio)  # fmt: skip
         return {}
@@ -105,17 +105,18 @@ class PatchCoreModule(PretrainedFeatureModule):
     def _memory(
         self, feats: torch.Tensor, owners: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(center, greedy-coreset bank in centered coordinates, owner image of each bank row) of patch features."""
+        """(center, greedy-coreset bank in centered coordinates, owner image of each bank row) of patch features
+        ``feats``, which are centered in place (the fit's peak memory holds them once)."""
         hp = self.hparams
         center = feats.mean(0)
-        centered = feats - center
+        feats -= center
         n_bank = max(1, math.ceil(hp.coreset_ratio * len(feats)))
         chosen = (
-            greedy_coreset(centered, n_bank, hp.coreset_projection, hp.seed)
+            greedy_coreset(feats, n_bank, hp.coreset_projection, hp.seed)
             if n_bank < len(feats)
             else torch.arange(len(feats), device=feats.device)
         )
-        return center, centered[chosen].contiguous(), owners[chosen].contiguous()
+        return center, feats[chosen].contiguous(), owners[chosen].contiguous()
 
     def _collect(self, batches: Iterable[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch features (n, D) of the training images and the image index of each, bounded by max_patches."""
@@ -157,7 +158,12 @@ class PatchCoreModule(PretrainedFeatureModule):
         chosen again; as many folds as images = leave-one-out). Only dropping an image's own patches from the
         full bank is not enough: that coreset was chosen to cover the image, and thresholds fitted on such
         scores flag more new good images than they promise."""
-        feats, owners = self.__dict__.pop("_fit_patches", None) or self._collect(batches)
+        fitted = self.__dict__.pop("_fit_patches", None)
+        if fitted is None:
+            feats, owners = self._collect(batches)
+            center = torch.zeros_like(feats[0])
+        else:
+            feats, center, owners = fitted  # feats centered by the full fit's center
         n = int(owners.max()) + 1
         k = min(self.hparams.leave_out_folds, n)
         fold_of = torch.arange(n) * k // n
@@ -168,8 +174,10 @@ class PatchCoreModule(PretrainedFeatureModule):
                 members = (fold_of == f).nonzero().flatten()  # a contiguous block of images
                 lo, hi = int(members[0]), int(members[-1]) + 1
                 keep = (owners < lo) | (owners >= hi)
-                center, self.net.memory_bank, self.net.bank_source = self._memory(feats[keep], owners[keep])
-                self.net.center.copy_(center)
+                rest = feats[keep].add_(center)  # a copy, back in feature coordinates
+                fold_center, self.net.memory_bank, self.net.bank_source = self._memory(rest, owners[keep])
+                del rest
+                self.net.center.copy_(fold_center)
                 with torch.no_grad():
                     for x, at in images_in_range(batches, lo, hi):
                         emb, _ = self.net.embed(x.to(self.device))
