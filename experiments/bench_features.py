@@ -97,6 +97,11 @@ FIELDS = ["date", "commit", "device", "torch", "load", "method", "category", "im
 LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
 
 
+def fmt(v: Any) -> float | str:
+    """A metric for the CSV: rounded to 4 decimals, "" when absent."""
+    return "" if v is None else round(float(v), 4)
+
+
 def run_process(args: list[str], env: dict[str, str]) -> tuple[int, float]:
     """Run ``args`` in the project root; (exit code, peak RSS in MiB of it and the children it waited for)."""
     proc = subprocess.Popen(args, cwd=ROOT, env=env)
@@ -158,7 +163,6 @@ def run_one(
               f"{res.get('error', 'see the log above')}", flush=True)  # fmt: skip
         return None
     dev, git, t = res["device"], res.get("git") or {}, res["timings_s"]
-    fmt = lambda v: "" if v is None else round(float(v), 4)  # noqa: E731
     row = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "commit": (git.get("commit") or "")[:10] + ("+dirty" if git.get("dirty") else ""),
            "device": device_line(dev), "torch": dev["torch"], "load": load, "method": method,
@@ -194,7 +198,6 @@ def gradient_metrics(
     code, _ = run_process([sys.executable, *args], env)
     res_file = out / "gradient_map" / "results.json"
     res = json.loads(res_file.read_text()) if code == 0 and res_file.is_file() else {}
-    fmt = lambda v: "" if v is None else round(float(v), 4)  # noqa: E731
     return {"grad_image_auroc": fmt(res.get("image_auroc")), "grad_pixel_auroc": fmt(res.get("pixel_auroc")),
             "grad_aupro": fmt(res.get("aupro"))}  # fmt: skip
 

@@ -7,8 +7,11 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ebmad.data import AnomalyDataModule
 from ebmad.data.synthetic import generate_category
@@ -93,11 +96,6 @@ def config_model_type(cfg: DictConfig) -> str:
 def compose_config(output_dir: Path, overrides: list[str]) -> DictConfig:
     """``conf/train.yaml`` composed as ``python -m ebmad.train`` would, with the run folder ``output_dir``: for
     tests and benchmarks that call :func:`ebmad.train.run` in this process."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", return_hydra_config=True, overrides=overrides)
